@@ -1,0 +1,1 @@
+"""Shared machinery of the toolkit: data, triggers, poisoning, training, evaluation, records."""

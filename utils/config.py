@@ -1,0 +1,138 @@
+"""Typed, layered configuration (conventions §5).
+
+Attacks: command line > --yaml_path > config/attack/<attack>/default.yaml > config/attack/prototype/<dataset>.yaml.
+Defenses: command line > --yaml_path > config/defense/<defense>/<dataset>.yaml.
+Every key is declared once as an Opt with a type, a default and a range check; unknown keys, wrong types and
+out-of-range values are errors that name the key and what is allowed.
+"""
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from utils.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "config"
+
+
+@dataclass
+class Opt:
+    name: str
+    type: Any                 # int, float, bool, str, or a callable parsing the value (raises ValueError)
+    default: Any = None
+    help: str = ""
+    choices: Optional[tuple] = None
+    check: Optional[Callable[[Any], Optional[str]]] = None  # returns a message saying what is allowed, or None
+    cli: bool = True
+
+
+def in_range(lo=None, hi=None, lo_open=False, hi_open=False):
+    def check(v):
+        if v is None:
+            return None
+        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
+        if bad:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            return f"allowed: {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        return None
+    return check
+
+
+def _coerce(opt: Opt, value, where: str):
+    if value is None:
+        return None
+    t = opt.type
+    try:
+        if t is bool:
+            if isinstance(value, bool):
+                out = value
+            elif isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                out = value.lower() in ("true", "1", "yes")
+            else:
+                raise ValueError("expected true or false")
+        elif t is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            out = int(value)
+        elif t is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            out = float(value)
+        elif t is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError("expected a string")
+            out = str(value)
+        else:
+            out = t(value)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{opt.name} = {value!r} ({where}): {e}") from None
+    if opt.choices is not None and out not in opt.choices:
+        raise UserError(f"{opt.name} = {out!r} ({where}) is not allowed; choose one of: {', '.join(map(str, opt.choices))}")
+    if opt.check is not None:
+        msg = opt.check(out)
+        if msg:
+            raise UserError(f"{opt.name} = {out!r} ({where}) is out of range; {msg}")
+    return out
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of key: value")
+    return data
+
+
+RUN_FLAGS = ("yaml_path", "overwrite", "resume")
+
+
+def build_parser(prog: str, opts: list, description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--yaml_path", default=None, help="a YAML file of settings, above the defaults, below the command line")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing record of the same name")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    for o in opts:
+        if not o.cli:
+            continue
+        kw = dict(default=None, help=f"{o.help} (default: {o.default})".strip())
+        if o.type is bool:
+            kw["metavar"] = "{true,false}"
+        elif o.choices:
+            kw["metavar"] = "{" + ",".join(map(str, o.choices)) + "}"
+        p.add_argument(f"--{o.name}", **kw)
+    return p
+
+
+def resolve(opts: list, layers: list) -> dict:
+    """layers: [(where, dict)] from lowest to highest precedence. Returns every key, typed and checked."""
+    by_name = {o.name: o for o in opts}
+    cfg = {o.name: o.default for o in opts}
+    where_from = {o.name: "default" for o in opts}
+    for where, values in layers:
+        for k, v in values.items():
+            if k not in by_name:
+                close = [n for n in by_name if n.startswith(k[:4])][:5]
+                raise UserError(f"unknown key '{k}' in {where}" + (f"; did you mean: {', '.join(close)}?" if close else
+                                                                  "; see --help for the accepted keys"))
+            cfg[k] = v
+            where_from[k] = where
+    return {k: _coerce(by_name[k], v, where_from[k]) for k, v in cfg.items()}
+
+
+def cli_values(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if v is not None and k not in RUN_FLAGS}
+
+
+def format_config(cfg: dict) -> str:
+    width = max(map(len, cfg)) if cfg else 0
+    return "\n".join(f"  {k:<{width}} : {v}" for k, v in cfg.items())

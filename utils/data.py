@@ -1,0 +1,315 @@
+"""Datasets as uint8 tensors (N, C, H, W) plus int64 labels, read once from the standard on-disk
+formats and cached in data/<name>/cache.pt so that later runs load in about a second.
+
+Layouts under --dataset_path (default data/):
+  fashion_mnist, mnist  <root>/<name>/ (or .../raw/): the four idx files, gzipped or not
+  cifar10               <root>/cifar10/cifar-10-batches-py/ (the python version of the archive)
+  cifar100              <root>/cifar100/cifar-100-python/
+  gtsrb                 <root>/gtsrb/Train/<00000..00042>/GT-<class>.csv + images,
+                        <root>/gtsrb/Test/GT-final_test.csv + images
+  tiny                  <root>/tiny/tiny-imagenet-200/{train,val}
+"""
+import gzip
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+from utils.io import atomic_torch_save
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    shape: tuple  # (C, H, W)
+    mean: tuple
+    std: tuple
+    hflip: bool  # horizontal flip in the standard training augmentation (conventions §4)
+    n_train: int
+    n_test: int
+
+
+DATASETS = {
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, (1, 28, 28), (0.5,), (0.5,), False, 60000, 10000),
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.5,), (0.5,), False, 60000, 10000),
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), True, 50000, 10000),
+    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), False, 50000, 10000),
+    "gtsrb": DatasetInfo("gtsrb", 43, (3, 32, 32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False, 39209, 12630),
+    "tiny": DatasetInfo("tiny", 200, (3, 64, 64), (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), False, 100000, 10000),
+}
+
+
+@dataclass
+class Dataset:
+    info: DatasetInfo
+    x_train: torch.Tensor  # uint8 (N, C, H, W), the loader's native order
+    y_train: torch.Tensor  # int64 (N,)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def num_classes(self):
+        return self.info.num_classes
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def labels_digest(y: torch.Tensor) -> str:
+    return hashlib.sha256(y.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers, one per on-disk format. Each returns (x_train, y_train, x_test, y_test) as numpy arrays.
+
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """MNIST's idx format: magic (0, 0, type 0x08 = uint8, ndim), big-endian sizes, raw data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}; the file is damaged: delete it and run `sh sh/install.sh` "
+                        "(or download the dataset again)") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path} is not an idx file of uint8 data; delete it and run `sh sh/install.sh`")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    start = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(raw) - start != expected:
+        raise UserError(f"{path} is truncated or damaged ({len(raw) - start} data bytes, header says {expected}); "
+                        "delete it and run `sh sh/install.sh`")
+    return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(dims).copy()
+
+
+def _find_idx_folder(root: Path, name: str):
+    candidates = [root / name, root / name / "raw", root / name / ("FashionMNIST" if name == "fashion_mnist" else "MNIST") / "raw"]
+    for folder in candidates:
+        if all(any((folder / (f + ext)).exists() for ext in ("", ".gz")) for f in IDX_FILES.values()):
+            return folder
+    return None
+
+
+def _idx_path(folder: Path, stem: str) -> Path:
+    return folder / stem if (folder / stem).exists() else folder / (stem + ".gz")
+
+
+def read_mnist_like(root: Path, name: str, download: bool):
+    folder = _find_idx_folder(root, name)
+    if folder is None and download:
+        folder = _download_mnist_like(root, name)
+    if folder is None:
+        hint = ("run `sh sh/install.sh` (it copies Debian's dataset-fashion-mnist package there)"
+                if name == "fashion_mnist" else "download it (torchvision.datasets.MNIST does) or copy the files there")
+        raise UserError(f"dataset {name} not found: expected the four idx files "
+                        f"({', '.join(v + '[.gz]' for v in IDX_FILES.values())}) in {root / name}/; {hint}, "
+                        "or point --dataset_path at the folder that holds them")
+    arrays = {k: read_idx(_idx_path(folder, v)) for k, v in IDX_FILES.items()}
+    return arrays["train_x"][:, None], arrays["train_y"], arrays["test_x"][:, None], arrays["test_y"]
+
+
+def _download_mnist_like(root: Path, name: str):
+    import torchvision
+    cls = torchvision.datasets.FashionMNIST if name == "fashion_mnist" else torchvision.datasets.MNIST
+    try:
+        print(f"{name}: not on disk, trying torchvision's download into {root / name} ...")
+        cls(str(root / name), train=True, download=True)
+        cls(str(root / name), train=False, download=True)
+    except Exception as e:  # no network, mirror down, ...
+        print(f"{name}: download failed ({type(e).__name__}: {str(e)[:200]})")
+        return None
+    return _find_idx_folder(root, name)
+
+
+def _unpickle(path: Path):
+    # The CIFAR archives are python pickles of plain dicts (the published format); they are a dataset
+    # the user downloaded, never a record, and are read once to build the uint8 cache.
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception as e:
+        raise UserError(f"cannot read {path}: {e}; the file is damaged: delete it and download the dataset again") from None
+
+
+CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+}
+
+
+def read_cifar(root: Path, name: str, download: bool):
+    folder_name, train_files, test_files, label_key, url, md5 = CIFAR[name]
+    folder = root / name / folder_name
+    needed = [folder / f for f in train_files + test_files]
+    if not all(p.exists() for p in needed) and download:
+        try:
+            from torchvision.datasets.utils import download_and_extract_archive
+            print(f"{name}: not on disk, downloading {url} ...")
+            download_and_extract_archive(url, str(root / name), md5=md5)
+        except Exception as e:
+            print(f"{name}: download failed ({type(e).__name__}: {str(e)[:200]})")
+    missing = [p for p in needed if not p.exists()]
+    if missing:
+        raise UserError(f"dataset {name} not found: expected {missing[0]} (the python version of the archive, "
+                        f"{url}, extracted into {root / name}/); download it there or point --dataset_path at it")
+
+    def load(files):
+        xs, ys = [], []
+        for f in files:
+            d = _unpickle(folder / f)
+            try:
+                xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(d[label_key], dtype=np.int64))
+            except (KeyError, ValueError) as e:
+                raise UserError(f"{folder / f} is not a CIFAR batch file ({e}); download the dataset again") from None
+        return np.concatenate(xs), np.concatenate(ys)
+
+    return (*load(train_files), *load(test_files))
+
+
+def _load_image(path: Path, size, channels):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            if im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            a = np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        raise UserError(f"cannot read image {path}: {e}; the dataset is damaged: extract it again") from None
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def read_gtsrb(root: Path, download: bool):
+    import csv
+    base = root / "gtsrb"
+    test_csv = base / "Test" / "GT-final_test.csv"
+    if not (base / "Train").is_dir() or not test_csv.exists():
+        raise UserError(f"dataset gtsrb not found: expected {base}/Train/<00000..00042>/GT-<class>.csv with the images "
+                        f"and {test_csv} with the test images (the official GTSRB archives; there is no automatic "
+                        "download); put them there or point --dataset_path at them")
+
+    def rows(csv_path):
+        with open(csv_path, newline="") as f:
+            return list(csv.DictReader(f, delimiter=";"))
+
+    xs, ys = [], []
+    for class_dir in sorted(p for p in (base / "Train").iterdir() if p.is_dir()):
+        gt = class_dir / f"GT-{class_dir.name}.csv"
+        if not gt.exists():
+            raise UserError(f"gtsrb: {gt} missing; extract the training archive again")
+        for r in rows(gt):
+            xs.append(_load_image(class_dir / r["Filename"], (32, 32), 3))
+            ys.append(int(r["ClassId"]))
+    xt, yt = [], []
+    for r in rows(test_csv):
+        xt.append(_load_image(base / "Test" / r["Filename"], (32, 32), 3))
+        yt.append(int(r["ClassId"]))
+    return np.stack(xs), np.array(ys), np.stack(xt), np.array(yt)
+
+
+def read_tiny(root: Path, download: bool):
+    base = root / "tiny" / "tiny-imagenet-200"
+    url = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+    if not (base / "train").is_dir() and download:
+        try:
+            from torchvision.datasets.utils import download_and_extract_archive
+            print(f"tiny: not on disk, downloading {url} ...")
+            download_and_extract_archive(url, str(root / "tiny"))
+        except Exception as e:
+            print(f"tiny: download failed ({type(e).__name__}: {str(e)[:200]})")
+    if not (base / "train").is_dir() or not (base / "val").is_dir():
+        raise UserError(f"dataset tiny not found: expected {base}/train and {base}/val (from {url}); "
+                        "put them there or point --dataset_path at them")
+    wnids_file = base / "wnids.txt"
+    wnids = (wnids_file.read_text().split() if wnids_file.exists()
+             else sorted(p.name for p in (base / "train").iterdir() if p.is_dir()))
+    index = {w: i for i, w in enumerate(wnids)}
+
+    def images_in(folder):
+        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+
+    xs, ys = [], []
+    for w in wnids:
+        for p in images_in(base / "train" / w):
+            xs.append(_load_image(p, (64, 64), 3))
+            ys.append(index[w])
+    xt, yt = [], []
+    ann = base / "val" / "val_annotations.txt"
+    if ann.exists() and (base / "val" / "images").is_dir():  # the official layout: val/images + annotations
+        for line in ann.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 2:
+                xt.append(_load_image(base / "val" / "images" / parts[0], (64, 64), 3))
+                yt.append(index[parts[1]])
+    else:  # val reorganised into class folders
+        for w in wnids:
+            for p in images_in(base / "val" / w):
+                xt.append(_load_image(p, (64, 64), 3))
+                yt.append(index[w])
+    return np.stack(xs), np.array(ys), np.stack(xt), np.array(yt)
+
+
+def _read_raw(name: str, root: Path, download: bool):
+    if name in ("fashion_mnist", "mnist"):
+        return read_mnist_like(root, name, download)
+    if name in CIFAR:
+        return read_cifar(root, name, download)
+    if name == "gtsrb":
+        return read_gtsrb(root, download)
+    return read_tiny(root, download)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def load_dataset(name: str, root="data", download: bool = True, verbose: bool = True) -> Dataset:
+    """The dataset as uint8 tensors; built from the raw files once, then read from the cache."""
+    info = dataset_info(name)
+    root = Path(root)
+    cache = root / name / "cache.pt"
+    if cache.exists():
+        try:
+            d = torch.load(cache, weights_only=True, map_location="cpu")
+            if d.get("version") == CACHE_VERSION and tuple(d["x_train"].shape[1:]) == info.shape:
+                return Dataset(info, d["x_train"], d["y_train"], d["x_test"], d["y_test"])
+        except Exception:
+            pass
+        if verbose:
+            print(f"{name}: cache {cache} is stale or damaged; rebuilding it from the raw files")
+    xtr, ytr, xte, yte = _read_raw(name, root, download)
+    x_train, x_test = torch.from_numpy(np.ascontiguousarray(xtr)), torch.from_numpy(np.ascontiguousarray(xte))
+    y_train, y_test = torch.from_numpy(np.asarray(ytr, dtype=np.int64)), torch.from_numpy(np.asarray(yte, dtype=np.int64))
+    if tuple(x_train.shape[1:]) != info.shape or len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise UserError(f"dataset {name} under {root} has images of shape {tuple(x_train.shape[1:])} "
+                        f"({len(x_train)} images, {len(y_train)} labels); expected {info.shape}")
+    if int(y_train.max()) >= info.num_classes or int(y_train.min()) < 0:
+        raise UserError(f"dataset {name} under {root} has labels outside 0..{info.num_classes - 1}; the files are damaged")
+    try:
+        os.makedirs(cache.parent, exist_ok=True)
+        atomic_torch_save({"version": CACHE_VERSION, "x_train": x_train, "y_train": y_train,
+                           "x_test": x_test, "y_test": y_test}, cache)
+    except OSError as e:  # a read-only dataset folder still works, only slower
+        if verbose:
+            print(f"{name}: could not write the cache {cache} ({e}); continuing without it")
+    return Dataset(info, x_train, y_train, x_test, y_test)
+

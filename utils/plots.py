@@ -1,0 +1,60 @@
+"""The pictures every record carries: trigger.png (clean vs poisoned) and curves.png (ACC / ASR / RA)."""
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _show(ax, img):
+    a = img.float().cpu()
+    if a.max() > 1.5 and a.dtype != float:  # uint8 scale
+        a = a / 255
+    a = a.clamp(0, 1)  # display only; never applied to model inputs
+    if a.shape[0] == 1:
+        ax.imshow(a[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(a.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def trigger_figure(clean, poisoned, labels_clean, labels_poisoned, title="") -> bytes:
+    """Two rows: clean images with their labels, the same images poisoned with their attack labels."""
+    n = len(clean)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
+    for i in range(n):
+        _show(axes[0, i], clean[i])
+        axes[0, i].set_title(f"clean: {int(labels_clean[i])}", fontsize=8)
+        _show(axes[1, i], poisoned[i])
+        axes[1, i].set_title(f"poisoned -> {int(labels_poisoned[i])}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def curves_figure(rows, title="", series=(("test_acc", "ACC"), ("test_asr", "ASR"), ("test_ra", "RA")),
+                  dashed=(("raw_test_acc", "raw ACC"), ("raw_test_asr", "raw ASR"))) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for key, name in series:
+        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None and r.get(key) == r.get(key)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+    for key, name in dashed:
+        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), ls="--", marker=".", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
