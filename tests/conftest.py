@@ -1,0 +1,90 @@
+"""Shared fixtures: small datasets the tests write themselves in the real on-disk formats, a real
+Fashion-MNIST subset, and tiny attack records that defenses can read."""
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path, array):
+    """MNIST's idx format (uint8 data), gzipped."""
+    a = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(struct.pack(">I", d) for d in a.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + a.tobytes())
+
+
+def write_mnist_like(root, name, x_train, y_train, x_test, y_test):
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / "train-images-idx3-ubyte.gz", x_train)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", y_train)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", x_test)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", y_test)
+    return Path(root)
+
+
+def synthetic_images(n, seed, k=10):
+    """Learnable fake 28x28 data: each class is a bright bar at its own place, plus noise."""
+    g = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    g.shuffle(y)
+    x = g.integers(0, 60, size=(n, 28, 28))
+    for c in range(k):
+        x[y == c, 2 + 2 * c:4 + 2 * c, 4:24] += 150
+    return x.clip(0, 255).astype(np.uint8), y.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def fake_root(tmp_path_factory):
+    """A fake fashion_mnist (600 train / 200 test) in the idx format, under a temporary dataset_path."""
+    root = tmp_path_factory.mktemp("data")
+    xtr, ytr = synthetic_images(600, 0)
+    xte, yte = synthetic_images(200, 1)
+    return write_mnist_like(root, "fashion_mnist", xtr, ytr, xte, yte)
+
+
+REAL_FMNIST = REPO / "data" / "fashion_mnist"
+
+
+@pytest.fixture(scope="session")
+def real_subset_root(tmp_path_factory):
+    """The first 6,000 training and 2,000 test images of the real Fashion-MNIST (installed by sh/install.sh)."""
+    from utils.data import load_dataset
+    if not REAL_FMNIST.exists():
+        pytest.skip("real Fashion-MNIST not installed (run sh/install.sh)")
+    d = load_dataset("fashion_mnist", REPO / "data")
+    root = tmp_path_factory.mktemp("real")
+    return write_mnist_like(root, "fashion_mnist", d.x_train[:6000, 0].numpy(), d.y_train[:6000].numpy(),
+                            d.x_test[:2000, 0].numpy(), d.y_test[:2000].numpy())
+
+
+def make_record(path, root, attack="badnet", extra=()):
+    import importlib
+    mod = importlib.import_module(f"attack.{attack}")
+    argv = ["--dataset", "fashion_mnist", "--dataset_path", str(root), "--save_folder_name", str(path),
+            "--epochs", "1", "--batch_size", "64", *extra]
+    return mod.main(argv)
+
+
+@pytest.fixture(scope="session")
+def tiny_record(tmp_path_factory, fake_root):
+    """A complete BadNets record on the fake data (1 epoch): for defenses' plumbing tests."""
+    path = tmp_path_factory.mktemp("rec") / "badnet_tiny"
+    make_record(path, fake_root)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_badnet_record(tmp_path_factory, real_subset_root):
+    """A BadNets record on the real Fashion-MNIST subset, trained long enough to carry a working backdoor
+    (about 20 s on 2 cores): for 'a short real run lowers ASR' tests."""
+    path = tmp_path_factory.mktemp("realrec") / "badnet_real"
+    s = make_record(path, real_subset_root, extra=["--epochs", "6", "--cos_t_max", "6", "--batch_size", "64"])
+    assert s["test_asr"] > 0.9, s
+    return path
