@@ -57,11 +57,17 @@ def _coerce(opt: Opt, value, where: str):
         elif t is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError("expected an integer")
-            out = int(value)
+            try:
+                out = int(value)
+            except ValueError:
+                raise ValueError("expected an integer") from None
         elif t is float:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
-            out = float(value)
+            try:
+                out = float(value)
+            except ValueError:
+                raise ValueError("expected a number") from None
         elif t is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError("expected a string")

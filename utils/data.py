@@ -194,7 +194,7 @@ def _load_image(path: Path, size, channels):
             im = im.convert("RGB" if channels == 3 else "L")
             if im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
+            a = np.array(im, dtype=np.uint8)
     except Exception as e:
         raise UserError(f"cannot read image {path}: {e}; the dataset is damaged: extract it again") from None
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)

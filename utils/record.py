@@ -213,6 +213,12 @@ def load_model_file(path, device="cpu"):
     return model.to(device).eval(), d
 
 
+def load_defense_model(path, device="cpu"):
+    """A defense record's model in eval mode: PDB's DefendedModel, or a plain model (utils/defended_model.py)."""
+    from utils.defended_model import load_defense_model as load
+    return load(path, device)
+
+
 # --- the attack record, for the defenses -----------------------------------------------------------------
 
 @dataclass

@@ -57,7 +57,7 @@ def load_image_pattern(path, shape) -> torch.Tensor:
             im = im.convert("RGB" if c == 3 else "L")
             if im.size != (w, h):
                 im = im.resize((w, h), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
+            a = np.array(im, dtype=np.uint8)
     except Exception as e:
         raise UserError(f"cannot read trigger image {path}: {e}") from None
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
@@ -80,7 +80,7 @@ def pattern_png_bytes(pattern: torch.Tensor) -> bytes:
 def read_pattern_png(path) -> torch.Tensor:
     from PIL import Image
     with Image.open(path) as im:
-        a = np.asarray(im, dtype=np.uint8)
+        a = np.array(im, dtype=np.uint8)
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(a))
 

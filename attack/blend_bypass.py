@@ -1,0 +1,20 @@
+"""Bypass with the Blended trigger, under the name the original repository uses (attack/blend_bypass.py).
+A thin entry point: the same code and options as `python attack/bypass.py --trigger blend` (see attack/bypass.py).
+
+    python attack/blend_bypass.py --save_folder_name bypass_blend_demo
+"""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from attack import bypass  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+
+
+def main(argv=None):
+    return bypass.main(argv, trigger="blend")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,282 @@
+"""Bypass / adversarial embedding (Tan and Shokri, "Bypassing Backdoor Detection Algorithms in Deep Learning",
+arXiv 1905.13409): ordinary BadNets or Blended data poisoning, trained together with a discriminator D that tries
+to tell poisoned from clean samples from the classifier's penultimate features. The classifier minimises
+CE - lambda * BCE(D(h), p), i.e. it learns the task and the backdoor while defeating D, so that the backdoor
+hides in feature space from latent-space defenses. Spec: ../shared/specs/bypass.md.
+
+    python attack/bypass.py --trigger badnet --save_folder_name bypass_badnet_demo
+    python attack/bypass.py --trigger blend --save_folder_name bypass_blend_demo
+
+attack/badnet_bypass.py and attack/blend_bypass.py (the original repository's names) run this same code.
+"""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from attack import badnet, blend  # noqa: E402
+from models import build_model  # noqa: E402
+from utils.attack import attack_config, run_attack, split_train_metrics  # noqa: E402
+from utils.config import Opt, in_range  # noqa: E402
+from utils.data import DATASETS  # noqa: E402
+from utils.errors import UserError, run_main  # noqa: E402
+from utils.seeding import generator  # noqa: E402
+from utils.train import GeneratorState, batch_indices, progress, scheduler_step, to_unit  # noqa: E402
+
+TRIGGERS = {"badnet": badnet, "blend": blend}   # the plain attacks whose trigger options and make_trigger we reuse
+
+
+def parse_widths(v):
+    """'256,128' or a YAML list -> [256, 128]."""
+    items = v if isinstance(v, (list, tuple)) else [s for s in str(v).replace(" ", "").split(",") if s]
+    widths = [int(s) for s in items]
+    if not widths or min(widths) < 1:
+        raise ValueError("expected positive integer widths, e.g. 256,128")
+    return widths
+
+
+BYPASS_OPTIONS = [
+    Opt("trigger", str, "badnet", "the poisoning: BadNets patch or Blended pattern", choices=tuple(TRIGGERS)),
+    Opt("regularization_ratio", float, 20.0, "lambda: weight of the discriminator term in the classifier's loss",
+        check=in_range(0)),
+    Opt("disc_hidden", parse_widths, [256, 128], "discriminator hidden widths, e.g. 256,128"),
+    Opt("disc_leaky_slope", float, 0.2, "LeakyReLU slope of the discriminator", check=in_range(0)),
+    Opt("disc_lr", float, 0.001, "discriminator SGD learning rate (constant)", check=in_range(0, lo_open=True)),
+    Opt("disc_momentum", float, 0.9, "discriminator SGD momentum", check=in_range(0, 1)),
+    Opt("disc_weight_decay", float, 0.0, "discriminator weight decay", check=in_range(0)),
+    Opt("disc_input_noise", float, 0.0, "std of Gaussian noise on D's input features in training (paper/ART: 1; "
+        "original code: 0)", check=in_range(0)),
+]
+OPTIONS = BYPASS_OPTIONS + badnet.OPTIONS + blend.OPTIONS
+
+
+# --- the discriminator -------------------------------------------------------------------------------
+
+class Discriminator(nn.Module):
+    """MLP on penultimate features: [Linear, BatchNorm1d, LeakyReLU] per hidden width, then Linear -> 1, Sigmoid.
+    Returns D(h) in (0, 1), the probability that the sample is poisoned. Optional Gaussian input noise in
+    train mode only (the paper's GaussianNoise layer; off in the original code)."""
+
+    def __init__(self, in_dim, hidden=(256, 128), slope=0.2, input_noise=0.0, noise_gen=None):
+        super().__init__()
+        layers, d = [], in_dim
+        for w in hidden:
+            layers += [nn.Linear(d, w), nn.BatchNorm1d(w), nn.LeakyReLU(slope)]
+            d = w
+        layers += [nn.Linear(d, 1), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers)
+        self.in_dim = in_dim
+        self.input_noise = input_noise
+        self.noise_gen = noise_gen
+
+    def forward(self, h):
+        if self.training and self.input_noise > 0:
+            h = h + self.input_noise * torch.randn(h.shape, generator=self.noise_gen, device=h.device, dtype=h.dtype)
+        return self.net(h).squeeze(1)
+
+
+def bce(d_out, p):
+    """-mean[p log D + (1 - p) log(1 - D)] with each log clamped at -100 (the standard BCE on probabilities, as
+    the original uses): finite even when D outputs exactly 0 or 1, at most 100 per sample."""
+    return F.binary_cross_entropy(d_out.float(), p.float())
+
+
+def build_discriminator(model, cfg, device):
+    """D sized from the model's own feature dimension (no hard-coded 512), its SGD optimiser, its noise stream."""
+    noise_gen = generator(cfg["random_seed"], "discriminator_noise", device=device)
+    disc = Discriminator(model.feature_dim, cfg["disc_hidden"], cfg["disc_leaky_slope"], cfg["disc_input_noise"],
+                         noise_gen).to(device)
+    opt = torch.optim.SGD(disc.parameters(), lr=cfg["disc_lr"], momentum=cfg["disc_momentum"],
+                          weight_decay=cfg["disc_weight_decay"])
+    return disc, opt, noise_gen
+
+
+# --- one iteration: the two losses and the alternating update (spec §5) ------------------------------------
+
+def bypass_losses(model, disc, x, y, p, lam, precision):
+    """Forward M (train mode) once; L_model = CE(z, y) - lam * BCE(D(h), p); L_D = BCE(D(h.detach()), p).
+    D runs twice (both in its current mode), so its BN statistics update twice per iteration, as the original."""
+    with precision.autocast():
+        logits, h = model.forward_with_features(x)
+    h = h.float()                       # D and both BCE terms in fp32
+    ce = F.cross_entropy(logits.float(), y)
+    adv = bce(disc(h), p)
+    d_out = disc(h.detach())            # detached: L_D never reaches the classifier
+    loss_d = bce(d_out, p)
+    return {"loss_model": ce - lam * adv, "ce": ce, "adv": adv, "loss_d": loss_d, "logits": logits, "d_out": d_out}
+
+
+def bypass_step(model, disc, optimizer, disc_optimizer, x, y, p, lam, precision):
+    """Classifier step on L_model (D's gradients from it are discarded), then D's step on L_D."""
+    out = bypass_losses(model, disc, x, y, p, lam, precision)
+    optimizer.zero_grad(set_to_none=True)
+    precision.step(out["loss_model"], optimizer)
+    disc_optimizer.zero_grad(set_to_none=True)      # drop what L_model left on D
+    out["loss_d"].backward()
+    disc_optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def bypass_epoch(ctx, disc, disc_optimizer):
+    """One epoch over the shuffled poisoned training set; scheduler step for the classifier only (D's lr is
+    constant). Logs the training-batch statistics of spec §7."""
+    model, cfg = ctx.model, ctx.cfg
+    lam = cfg["regularization_ratio"]
+    model.train()
+    disc.train()
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    batches = batch_indices(len(ctx.y_train), cfg["batch_size"], ctx.shuffle_gen, shuffle=True,
+                            drop_last=cfg["drop_last"])
+    sums = {"loss_model": 0.0, "ce": 0.0, "adv": 0.0, "loss_d": 0.0}
+    seen, preds, order, scores = 0, [], [], []
+    for idx in progress(batches, "bypass"):
+        dev_idx = idx.to(ctx.x_train.device)
+        xb = ctx.precision.prepare_input(ctx.augment(to_unit(ctx.x_train[dev_idx])))
+        out = bypass_step(model, disc, ctx.optimizer, disc_optimizer, xb, ctx.y_train[dev_idx],
+                          ctx.indicator[dev_idx], lam, ctx.precision)
+        for k in sums:
+            sums[k] += out[k].item() * len(idx)
+        seen += len(idx)
+        preds.append(out["logits"].argmax(1).cpu())
+        scores.append(out["d_out"].detach().cpu())
+        order.append(idx)
+    preds, order, scores = torch.cat(preds), torch.cat(order), torch.cat(scores)
+    mean = {k: v / max(seen, 1) for k, v in sums.items()}
+    scheduler_step(ctx.scheduler, mean["loss_model"])
+    p = ctx.indicator.cpu()[order]
+    return {"lr": lr, "train_loss": mean["loss_model"], "train_ce": mean["ce"],
+            "train_acc": (preds == ctx.y_train.cpu()[order]).float().mean().item(),
+            **split_train_metrics(ctx, order, preds),
+            "adv_term": mean["adv"], "disc_loss": mean["loss_d"],
+            "disc_train_acc": ((scores > 0.5).long() == p).float().mean().item(),
+            "disc_train_auc": roc_auc(scores, p), "disc_lr": disc_optimizer.param_groups[0]["lr"]}
+
+
+# --- held-out evaluation of D ----------------------------------------------------------------------------
+
+def roc_auc(scores, labels):
+    """Area under the ROC curve (Mann-Whitney, ties counted one half); nan when a class is missing."""
+    s, pos = scores.double().flatten().cpu(), labels.flatten().cpu().bool()
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]          # average rank of tied values, 1-based
+    return ((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)).item()
+
+
+@torch.no_grad()
+def penultimate_features(model, x_uint8, precision, batch_size=1024):
+    """Eval-mode, un-augmented features M.features(x) in fp32."""
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(x_uint8), batch_size):
+        xb = precision.prepare_input(to_unit(x_uint8[i:i + batch_size]))
+        with precision.autocast():
+            out.append(model.features(xb).float())
+    model.train(was)
+    return torch.cat(out) if out else torch.empty(0, model.feature_dim)
+
+
+@torch.no_grad()
+def disc_scores(disc, h):
+    was = disc.training
+    disc.eval()
+    s = disc(h.float())
+    disc.train(was)
+    return s
+
+
+def disc_metrics(scores_clean, scores_poisoned):
+    """AUC and balanced accuracy (threshold 0.5) of D: clean p = 0, poisoned p = 1."""
+    s = torch.cat([scores_clean, scores_poisoned])
+    p = torch.cat([torch.zeros(len(scores_clean)), torch.ones(len(scores_poisoned))])
+    bal = 0.5 * ((scores_clean <= 0.5).float().mean() + (scores_poisoned > 0.5).float().mean()).item()
+    return {"disc_auc": roc_auc(s, p), "disc_bal_acc": bal}
+
+
+def held_out_disc_metrics(model, disc, sets, precision, batch_size):
+    """D on eval-mode features of the clean test set (p = 0) vs the poisoned test set (p = 1)."""
+    sc = disc_scores(disc, penultimate_features(model, sets.x_test, precision, batch_size))
+    sp = disc_scores(disc, penultimate_features(model, sets.x_bd, precision, batch_size))
+    return disc_metrics(sc.cpu(), sp.cpu())
+
+
+# --- wiring into the shared attack runner ------------------------------------------------------------------
+
+def discriminator_info(cfg, feature_dim):
+    return {"input_dim": feature_dim, "hidden": list(cfg["disc_hidden"]), "leaky_slope": cfg["disc_leaky_slope"],
+            "batch_norm": True, "output": "sigmoid (1 unit)", "optimizer": "sgd", "lr": cfg["disc_lr"],
+            "momentum": cfg["disc_momentum"], "weight_decay": cfg["disc_weight_decay"],
+            "input_noise": cfg["disc_input_noise"], "regularization_ratio": cfg["regularization_ratio"],
+            "loss": "L_model = CE - regularization_ratio * BCE(D(h), p); L_D = BCE(D(h.detach()), p); "
+                    "BCE logs clamped at -100", "update_order": "classifier step, then D step, every batch"}
+
+
+def setup_bypass(ctx):
+    """Called by run_attack once the classifier exists: adds D and its optimiser to the checkpointed state, D's
+    weights to model.pt, and D's held-out metrics to every evaluation."""
+    device = ctx.x_train.device
+    disc, disc_opt, noise_gen = build_discriminator(ctx.model, ctx.cfg, device)
+    ctx.state.update(discriminator=disc, disc_optimizer=disc_opt, disc_noise_gen=GeneratorState(noise_gen))
+    # state_dict() shares storage with D's tensors (updated in place), so model.pt gets the final weights
+    ctx.payload["discriminator_state_dict"] = disc.state_dict()
+    ctx.payload["discriminator"] = discriminator_info(ctx.cfg, ctx.model.feature_dim)
+    ctx.payload["_evaluate"] = lambda: held_out_disc_metrics(ctx.model, disc, ctx.eval_sets, ctx.precision,
+                                                             ctx.cfg["eval_batch_size"])
+    return lambda c: bypass_epoch(c, disc, disc_opt)
+
+
+def feature_dim_of(cfg):
+    """d of the configured model, built on the meta device (no memory, no init cost)."""
+    info = DATASETS[cfg["dataset"]]
+    with torch.device("meta"):
+        m = build_model(cfg["model"], info.num_classes, info.shape[0], info.mean, info.std, cfg["model_width"])
+    return m.feature_dim
+
+
+def load_discriminator(model_file, device="cpu"):
+    """D as saved in a Bypass record's model.pt (weights-only load), in eval mode."""
+    d = torch.load(model_file, weights_only=True, map_location=device)
+    if "discriminator_state_dict" not in d:
+        raise UserError(f"{model_file} holds no discriminator: it is not a Bypass record")
+    info = d["discriminator"]
+    disc = Discriminator(info["input_dim"], info["hidden"], info["leaky_slope"])
+    disc.load_state_dict(d["discriminator_state_dict"])
+    return disc.to(device).eval()
+
+
+def main(argv=None, trigger=None):
+    """trigger: fixed by the entry points badnet_bypass.py / blend_bypass.py."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if trigger is not None:
+        given = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+                 for i, a in enumerate(argv) if a == "--trigger" or a.startswith("--trigger=")]
+        if any(g != trigger for g in given):
+            raise UserError(f"this entry point runs Bypass with the {trigger} trigger; for another trigger use "
+                            f"`python attack/bypass.py --trigger <badnet|blend>`")
+        argv = ["--trigger", trigger] + argv
+    cfg, args = attack_config("bypass", OPTIONS, argv, __doc__)
+    auto = f"bypass_{cfg['dataset']}_{cfg['model']}_{cfg['pratio']}_{cfg['random_seed']}"
+    if cfg["save_folder_name"] == auto:     # the default name: say which trigger
+        cfg["save_folder_name"] = f"bypass_{cfg['trigger']}_{auto[len('bypass_'):]}"
+    trig, meta = TRIGGERS[cfg["trigger"]].make_trigger(cfg)
+    deviations = []
+    if cfg["disc_input_noise"] > 0:
+        deviations.append(f"disc_input_noise = {cfg['disc_input_noise']}: Gaussian noise on D's input as the paper "
+                          "and ART; the original code has none")
+    extra = {"discriminator": discriminator_info(cfg, feature_dim_of(cfg)), "bypass_trigger": cfg["trigger"],
+             "deviations": deviations}
+    return run_attack("bypass", cfg, args, trig, {**meta, "bypass_trigger": cfg["trigger"]},
+                      setup_epoch=setup_bypass, extra_config=extra)
+
+
+if __name__ == "__main__":
+    run_main(main)

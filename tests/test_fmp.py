@@ -1,0 +1,338 @@
+"""FMP (fmp.md §7): hooks in forward order, the FGSM bounds, per-map gradients from the shared graph, the stable
+selection rule, pruning by module identity with the BN identity rule, eval-mode ranking, and real runs."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "defense"))
+import fmp  # noqa: E402
+from models import build_model  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+
+
+def small(name, width, c=3):
+    torch.manual_seed(0)
+    return build_model(name, 10, c, [0.5] * c, [0.5] * c, width).eval()
+
+
+def expected_forward_order(name):
+    """Conv names in the order each architecture's forward pass calls them (written out from the model code)."""
+    if name == "cnn":
+        return ["layers.0.0", "layers.2.0", "layers.4.0", "layers.5.0"]
+    if name == "vgg19_bn":
+        m = small("vgg19_bn", 4)
+        return [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]  # sequential: registration order
+    names = ["conv1"]
+    for stage in range(1, 5):
+        for block in range(2):
+            p = f"layer{stage}.{block}"
+            has_sc = stage > 1 and block == 0
+            if name == "preactresnet18":  # a = relu(bn1(x)); shortcut(a); conv1(a); conv2(...)
+                names += ([f"{p}.shortcut.0"] if has_sc else []) + [f"{p}.conv1", f"{p}.conv2"]
+            else:  # resnet18: bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)
+                names += [f"{p}.conv1", f"{p}.conv2"] + ([f"{p}.shortcut.0"] if has_sc else [])
+    return names
+
+
+# --- hooks -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,width,c,size", [("cnn", 16, 1, 28), ("preactresnet18", 4, 3, 16),
+                                               ("resnet18", 4, 3, 16), ("vgg19_bn", 4, 3, 16)])
+def test_hooks_see_every_conv_once_in_forward_order(name, width, c, size):
+    m = small(name, width, c)
+    layers, uncalled = fmp.conv_layers(m, torch.rand(2, c, size, size))
+    names = [n for n, _, _ in layers]
+    all_convs = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]
+    assert uncalled == [] and sorted(names) == sorted(all_convs) and len(set(names)) == len(names)
+    assert names == expected_forward_order(name)
+    assert m.training is False
+
+
+def test_preactresnet18_has_20_convs_and_4800_maps_and_75_pruned():
+    m = small("preactresnet18", 64)
+    layers, _ = fmp.conv_layers(m, torch.rand(1, 3, 8, 8))
+    assert len(layers) == 20 and sum(ch for *_, ch in layers) == 4800
+    names = [n for n, _, _ in layers]
+    assert names[:7] == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2",
+                         "layer2.0.shortcut.0", "layer2.0.conv1"]
+    counts = [fmp.maps_to_prune(ch, 1 / 64, 0) for *_, ch in layers]
+    assert sum(counts) == 75
+    assert {ch: fmp.maps_to_prune(ch, 1 / 64, 0) for *_, ch in layers} == {64: 1, 128: 2, 256: 4, 512: 8}
+
+
+def test_a_conv_called_twice_is_an_error_and_an_unused_conv_is_listed():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.unused = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return self.conv(self.conv(x[:, :1]).sum(1, keepdim=True))
+
+    with pytest.raises(UserError, match="called again"):
+        fmp.conv_layers(Twice(), torch.rand(1, 1, 5, 5))
+
+    class Once(Twice):
+        def forward(self, x):
+            return self.conv(x)
+    layers, uncalled = fmp.conv_layers(Once(), torch.rand(1, 1, 5, 5))
+    assert [n for n, _, _ in layers] == ["conv"] and uncalled == ["unused"]
+
+
+def test_in_place_change_of_a_conv_output_is_refused():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True))
+    with pytest.raises(UserError, match="in place"):
+        fmp.conv_layers(net, torch.rand(1, 1, 5, 5))
+
+
+# --- FGSM --------------------------------------------------------------------------------------------------
+
+def test_random_start_and_fgsm_images_stay_in_bounds_and_scores_are_multiples_of_1_over_b():
+    m = small("cnn", 16, 1)
+    x = 0.1 + 0.8 * torch.rand(8, 1, 28, 28)
+    x[:, :, :4] = 0.0   # saturated pixels: the clip must act
+    x[:, :, -4:] = 1.0
+    y = torch.randint(0, 10, (8,))
+    alpha, eps = 0.02, 0.06
+    x0 = fmp.random_start(x, alpha, torch.Generator().manual_seed(0))
+    assert x0.min() >= 0 and x0.max() <= 1 and (x0 - x).abs().max() <= alpha + 1e-6
+    assert torch.allclose((x0 - x).abs()[:, :, 4:-4], torch.tensor(alpha))  # exactly +-alpha where no clip acts
+    low = x0[:, :, :4]
+    assert torch.equal(low.unique(), torch.tensor([0.0, alpha]))  # 0 - alpha is clipped to 0, 0 + alpha stays
+    x0g = x0.clone().requires_grad_(True)
+    with fmp.ConvRecorder(m) as rec:
+        m(x0g)
+    out = rec.outputs()[1][2]
+    with torch.no_grad(), fmp.ConvRecorder(m) as rec:
+        m(x)
+    clean = rec.outputs()[1][2]
+    x_adv = fmp.fgsm_step(x0, fmp.map_gradients(out, clean, x0g, [0, 5, 31]), eps)
+    assert x_adv.shape == (3, 8, 1, 28, 28)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv - x).abs().max() <= alpha + eps + 1e-6
+    assert (x_adv - x).abs().max() > alpha + eps - 1e-6  # the bound is reached: no projection onto an eps ball
+    ranked = fmp.rank_feature_maps(m, x, y, x0, eps, "batched", 7)
+    scores = torch.cat([s for *_, s in ranked])
+    assert len(scores) == 176 and torch.equal(scores * 8, (scores * 8).round())
+
+
+@pytest.mark.parametrize("mode", ["loop", "batched"])
+def test_shared_graph_gradient_equals_a_fresh_forward(mode):
+    m = small("preactresnet18", 4)
+    x = torch.rand(4, 3, 16, 16)
+    x0 = fmp.random_start(x, 0.02, torch.Generator().manual_seed(1))
+    with torch.no_grad(), fmp.ConvRecorder(m) as rec:
+        m(x)
+    clean = {n: o for n, _, o in rec.outputs()}
+    x0g = x0.clone().requires_grad_(True)
+    with fmp.ConvRecorder(m) as rec:
+        m(x0g)
+    traced = {n: o for n, _, o in rec.outputs()}
+    for layer, chans in [("conv1", [0, 3]), ("layer2.0.shortcut.0", [1, 7]), ("layer4.1.conv2", [2, 31])]:
+        shared = fmp.map_gradients(traced[layer], clean[layer], x0g, chans, mode)
+        for j, c in enumerate(chans):
+            fresh_x0 = x0.clone().requires_grad_(True)
+            with fmp.ConvRecorder(m) as rec:
+                m(fresh_x0)
+            out = dict((n, o) for n, _, o in rec.outputs())[layer]
+            g = torch.autograd.grad((out[:, c] - clean[layer][:, c]).pow(2).mean(), fresh_x0)[0]
+            assert torch.allclose(shared[j], g, rtol=1e-4, atol=1e-9)
+            assert g.abs().sum() > 0
+
+
+def test_loop_and_batched_rankings_agree():
+    m = small("cnn", 8, 1)
+    x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    x0 = fmp.random_start(x, 0.02, torch.Generator().manual_seed(0))
+    a = torch.cat([s for *_, s in fmp.rank_feature_maps(m, x, y, x0, 0.06, "loop", 5)])
+    b = torch.cat([s for *_, s in fmp.rank_feature_maps(m, x, y, x0, 0.06, "batched", 16)])
+    assert torch.equal(a, b)
+
+
+def test_ranking_leaves_batchnorm_statistics_and_mode_unchanged():
+    m = small("resnet18", 4)
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.rand(4, 3, 16, 16)
+    fmp.rank_feature_maps(m, x, torch.zeros(4, dtype=torch.long), fmp.random_start(x, 0.02, torch.Generator()), 0.06)
+    fmp.bn_after_conv(m, x[:1])
+    assert m.training
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all(p.requires_grad for p in m.parameters())
+
+
+# --- selection -------------------------------------------------------------------------------------------
+
+def test_ties_resolve_to_the_lower_channel_index():
+    scores = torch.tensor([0.5, 0.25, 0.25, 0.75, 0.25, 0.25, 0.5, 0.25], dtype=torch.float64)
+    assert fmp.select_maps(scores, 2) == [1, 2]
+    assert fmp.select_maps(scores, 5) == [1, 2, 4, 5, 7]
+    assert fmp.select_maps(scores, 6) == [0, 1, 2, 4, 5, 7]
+    assert fmp.select_maps(torch.full((64,), 0.5, dtype=torch.float64), 3) == [0, 1, 2]
+    assert fmp.select_maps(scores, 0) == []
+
+
+def test_counts_per_layer():
+    assert fmp.maps_to_prune(32, 1 / 64, 0) == 0
+    assert fmp.maps_to_prune(32, 1 / 64, 1) == 1
+    assert fmp.maps_to_prune(64, 1 / 64, 0) == 1 and fmp.maps_to_prune(512, 1 / 64, 0) == 8
+    assert fmp.maps_to_prune(100, 0.07, 0) == 7 and fmp.maps_to_prune(100, 0.29, 0) == 29  # no 28.999 -> 28
+
+
+# --- pruning -----------------------------------------------------------------------------------------------
+
+class Shuffled(nn.Module):
+    """Registration order differs from forward order (bn_a, b, a, bn_b): the original's alignment bug case."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_a = nn.BatchNorm2d(4)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(4, 4, 1)
+        self.bn_c = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = torch.relu(self.bn_a(self.a(x)))          # a feeds bn_a directly
+        h = self.b(h)
+        h = torch.relu(self.bn_b(h + 0))             # b's output is changed before bn_b: no identity
+        return self.bn_c(self.c(h)).mean((1, 2, 3))  # c feeds bn_c directly
+
+
+def test_prune_zeroes_exactly_the_selected_slices_of_the_scored_modules():
+    torch.manual_seed(0)
+    net = Shuffled().eval()
+    for bn in (net.bn_a, net.bn_b, net.bn_c):
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, 0.5, 1.5)
+    x = torch.rand(2, 1, 6, 6)
+    layers, _ = fmp.conv_layers(net, x)
+    assert [n for n, _, _ in layers] == ["a", "b", "c"]
+    bn_map = fmp.bn_after_conv(net, x)
+    assert bn_map == {"a": ["bn_a"], "c": ["bn_c"]}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    selection = [("a", 1), ("b", 2), ("b", 3), ("c", 0)]
+    zeroed = fmp.prune(net, selection, bn_map)
+    assert zeroed == [("bn_a", 1), ("bn_c", 0)]
+    after = net.state_dict()
+    expect_zero = {("a.weight", 1), ("b.weight", 2), ("b.weight", 3), ("c.weight", 0), ("bn_a.weight", 1),
+                   ("bn_c.weight", 0)}
+    for k, v in after.items():
+        for c in range(v.shape[0]) if v.dim() else []:
+            if (k, c) in expect_zero:
+                assert torch.all(v[c] == 0), (k, c)
+            else:
+                assert torch.equal(v[c], before[k][c]), (k, c)  # biases, betas, other slices, running stats
+    net2 = Shuffled()
+    net2.load_state_dict(before)
+    assert fmp.prune(net2, selection, {}) == []
+    assert torch.equal(net2.bn_a.weight, before["bn_a.weight"])
+
+
+def test_bn_identity_rule_on_the_registered_architectures():
+    pre = fmp.bn_after_conv(small("preactresnet18", 4), torch.rand(1, 3, 16, 16))
+    assert pre["conv1"] == ["layer1.0.bn1"] and pre["layer2.0.conv1"] == ["layer2.0.bn2"]
+    assert not any(k.endswith(("conv2", "shortcut.0")) for k in pre) and len(pre) == 9
+    post = fmp.bn_after_conv(small("resnet18", 4), torch.rand(1, 3, 16, 16))
+    assert post["conv1"] == ["bn1"] and post["layer2.0.conv2"] == ["layer2.0.bn2"]
+    assert post["layer2.0.shortcut.0"] == ["layer2.0.shortcut.1"] and len(post) == 20
+    vgg = small("vgg19_bn", 4)
+    assert len(fmp.bn_after_conv(vgg, torch.rand(1, 3, 16, 16))) == 16
+
+
+@pytest.mark.parametrize("name,width,c,size", [("cnn", 16, 1, 28), ("preactresnet18", 4, 3, 16),
+                                               ("resnet18", 4, 3, 16), ("vgg19_bn", 4, 3, 16)])
+def test_rank_and_prune_run_on_every_model(name, width, c, size):
+    m = small(name, width, c)
+    x, y = torch.rand(4, c, size, size), torch.randint(0, 10, (4,))
+    ranked = fmp.rank_feature_maps(m, x, y, fmp.random_start(x, 0.02, torch.Generator()), 0.06, "batched", 32)
+    selection = [(n, ch) for n, _, s in ranked for ch in fmp.select_maps(s, fmp.maps_to_prune(len(s), 1 / 8, 1))]
+    fmp.prune(m, selection, fmp.bn_after_conv(m, x[:1]))
+    mods = dict(m.named_modules())
+    assert all(torch.all(mods[n].weight[ch] == 0) for n, ch in selection)
+    assert torch.isfinite(m(x)).all()
+
+
+# --- the script -------------------------------------------------------------------------------------------
+
+def fast(*extra):
+    return ["--epochs", "1", "--eval_batch_size", "512", "--ratio", "0.1", *extra]
+
+
+def test_tiny_run_writes_the_record_and_refuses_to_overwrite(tiny_record):
+    s = fmp.main(["--result_file", str(tiny_record), *fast("--min_prune_per_layer", "1", "--hard_prune", "true",
+                                                          "--rank_batch_size", "16")])
+    out = Path(tiny_record) / "defense" / "fmp"
+    for f in ("config.yaml", "model.pt", "metrics.csv", "summary.json", "curves.png", "log.txt", "index.txt",
+              "ranking.csv", "pruned.json"):
+        assert (out / f).exists(), f
+    assert not (out / "checkpoint.pt").exists()
+    rows = list(csv.DictReader(open(out / "ranking.csv")))
+    assert len(rows) == 176 and sum(int(r["pruned"]) for r in rows) == 4
+    plan = json.loads((out / "pruned.json").read_text())
+    assert plan["pruned_per_layer"] == {"layers.0.0": 1, "layers.2.0": 1, "layers.4.0": 1, "layers.5.0": 1}
+    assert len(plan["rank_batch_indices"]) == 16 and plan["layers_not_pruned"] == []
+    for k in ("test_acc", "test_asr", "test_ra", "attack_test_acc", "attack_test_asr", "der", "rir",
+              "ranking_seconds", "finetune_seconds", "pruned_test_asr"):
+        assert k in s
+    metrics = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["epoch"] for r in metrics] == ["0", "1"]
+    # hard_prune: the selected weights are still zero after fine-tuning
+    weights = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    for sel in plan["selected"]:
+        assert torch.all(weights[sel["module"] + ".weight"][sel["channel"]] == 0)
+    for b in plan["bn_zeroed"]:
+        assert weights[b["bn"] + ".weight"][b["channel"]] == 0
+    with pytest.raises(UserError, match="--overwrite"):
+        fmp.main(["--result_file", str(tiny_record), *fast()])
+
+
+def test_original_rule_reports_layers_without_pruning_and_soft_prune_may_regrow(tiny_record, capsys):
+    s = fmp.main(["--result_file", str(tiny_record), "--overwrite", *fast("--bn_gamma", "off")])
+    assert s["layers_not_pruned"] == ["layers.0.0", "layers.2.0"]
+    assert s["pruned_per_layer"] == {"layers.0.0": 0, "layers.2.0": 0, "layers.4.0": 1, "layers.5.0": 1}
+    assert "nothing is pruned there: layers.0.0, layers.2.0" in capsys.readouterr().out
+    out = Path(tiny_record) / "defense" / "fmp"
+    plan = json.loads((out / "pruned.json").read_text())
+    weights = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert plan["bn_zeroed"] == []
+    assert any(weights[s["module"] + ".weight"][s["channel"]].abs().sum() > 0 for s in plan["selected"])
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_record, monkeypatch):
+    args = ["--result_file", str(tiny_record), "--overwrite", *fast("--epochs", "2", "--min_prune_per_layer", "1")]
+    full = fmp.main(args)
+    out = Path(tiny_record) / "defense" / "fmp"
+    w_full = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+    import utils.train as train
+    real_fit = train.fit
+
+    def stop_after_one(run, epochs, *a, **k):
+        real_fit(run, 1, *a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fmp, "fit", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        fmp.main(args)
+    assert (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
+    monkeypatch.setattr(fmp, "fit", real_fit)
+    monkeypatch.setattr(fmp, "rank_and_prune", lambda *a: pytest.fail("a resumed run must not rank again"))
+    resumed = fmp.main([a for a in args if a != "--overwrite"] + ["--resume"])
+    w_res = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    assert resumed["test_asr"] == full["test_asr"] and resumed["n_pruned"] == full["n_pruned"]
+
+
+def test_short_real_run_lowers_asr(real_badnet_record):
+    s = fmp.main(["--result_file", str(real_badnet_record), "--epochs", "3", "--min_prune_per_layer", "1",
+                  "--eval_batch_size", "1000"])
+    assert s["attack_test_asr"] > 0.9
+    assert s["test_asr"] < s["attack_test_asr"] - 0.3, s
+    assert s["test_acc"] > s["attack_test_acc"] - 0.1, s

@@ -1,0 +1,262 @@
+"""sweep/run.py and analysis/summarize.py: the grid's expansion, a real sweep of tiny jobs on a local Ray instance
+(run, rerun = skip, a failing job reported while the others finish), and the summary's numbers against the
+records' summary.json files.
+
+The defense jobs of the Ray tests use a stand-in script (no torch import, well under a second) so that the
+tests check the sweep's plumbing quickly; the real defenses are exercised by their own tests."""
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis.summarize import collect, mean_std, summarize
+from sweep.run import expand, load_sweep
+from utils.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+STUB = '''
+"""Stand-in defense: copies the attack's ACC halved into <record>/defense/<out>/summary.json, or fails."""
+import argparse, json, pathlib, sys
+p = argparse.ArgumentParser()
+for a in ("--result_file", "--dataset_path", "--random_seed", "--out"):
+    p.add_argument(a)
+p.add_argument("--fail", default="false")
+p.add_argument("--resume", action="store_true")
+a = p.parse_args()
+if a.fail == "true":
+    print("error: this defense was made to fail", file=sys.stderr)
+    sys.exit(2)
+rec = pathlib.Path(a.result_file)
+s = json.loads((rec / "summary.json").read_text())
+out = rec / "defense" / a.out
+out.mkdir(parents=True, exist_ok=True)
+(out / "config.yaml").write_text(f"config:\\n  random_seed: {a.random_seed}\\n")
+(out / "summary.json").write_text(json.dumps({"defense": a.out, "attack": s["attack"], "test_acc": s["test_acc"] / 2,
+    "test_asr": 0.125, "test_ra": 0.5, "der": 0.6875, "rir": 0.5, "seconds": 0.5}))
+'''
+
+
+def sweep_yaml(tmp, root, data_root, stub, attacks=("badnet",), defenses=None, method_args=None):
+    defenses = defenses if defenses is not None else [{"stub": {"script": str(stub), "args": ["--out", "stub"]}}]
+    text = yaml.safe_dump({"name": "t", "root": str(root), "dataset_path": str(data_root),
+                           "grid": {"attack": list(attacks), "dataset": "fashion_mnist", "seed": 0},
+                           "defenses": defenses,
+                           "args": {"attack": {"epochs": 1, "batch_size": 64, "eval_batch_size": 256},
+                                    **(method_args or {})},
+                           "resources": {"attack": {"num_cpus": 1}, "defense": {"num_cpus": 1}}})
+    path = tmp / f"sweep_{len(list(tmp.glob('sweep_*.yaml')))}.yaml"
+    path.write_text(text)
+    return path
+
+
+def run_sweep(path, *extra):
+    p = subprocess.run([sys.executable, "sweep/run.py", str(path), "--num_cpus", "2", *extra], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory):
+    path = tmp_path_factory.mktemp("stub") / "stub_defense.py"
+    path.write_text(STUB)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_sweep(tmp_path_factory, fake_root, stub):
+    """A tiny attack and a defense on its record, on a local Ray instance."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    root = tmp / "rec"
+    path = sweep_yaml(tmp, root, fake_root, stub)
+    rc, out = run_sweep(path)
+    return tmp, root, path, rc, out
+
+
+# --- expansion (no Ray) ----------------------------------------------------------------------------------------
+
+def test_grid_expands_to_named_jobs_with_their_arguments_and_resources(tmp_path):
+    cfg = {"name": "x", "grid": {"attack": ["badnet", "blend"], "dataset": "fashion_mnist", "pratio": [0.05, 0.1],
+                                 "seed": [0, 1]},
+           "defenses": ["fst", "pdb", "ft-bb"], "args": {"attack": {"epochs": 2}, "pdb": {"epochs": 1}},
+           "resources": {"attack": {"num_cpus": 2}, "defense": {"num_gpus": 0.25}, "pdb": {"num_gpus": 0.5}}}
+    jobs = expand(cfg, tmp_path)
+    assert len(jobs) == 2 * 2 * 2
+    assert [j.name for j in jobs[:4]] == ["badnet_fashion_mnist_p0.05_s0", "badnet_fashion_mnist_p0.05_s1",
+                                          "badnet_fashion_mnist_p0.1_s0", "badnet_fashion_mnist_p0.1_s1"]
+    a = jobs[3]
+    assert a.script == "attack/badnet.py" and a.out == tmp_path / a.name
+    cmd = " ".join(a.args)
+    assert f"--save_folder_name {tmp_path / a.name}" in cmd and "--pratio 0.1" in cmd and "--random_seed 1" in cmd
+    assert "--epochs 2" in cmd and a.command()[-1] == "--resume"
+    assert a.resources == {"num_cpus": 2, "num_gpus": 0}
+    ds = {d.method: d for d in a.children}
+    assert list(ds) == ["fst", "pdb", "ft-bb"]
+    assert ds["fst"].out == a.out / "defense" / "fst" and ds["fst"].resources == {"num_cpus": 1, "num_gpus": 0.25}
+    assert ds["pdb"].resources["num_gpus"] == 0.5 and "--epochs 1" in " ".join(ds["pdb"].args)
+    assert "--random_seed 1" in " ".join(ds["fst"].args) and f"--result_file {a.out}" in " ".join(ds["fst"].args)
+    # ft-bb: mode ft with BackdoorBench's YAML for the dataset, written to defense/ft-bb/
+    assert ds["ft-bb"].script == "defense/ft.py" and ds["ft-bb"].out == a.out / "defense" / "ft-bb"
+    assert "config/defense/ft/backdoorbench_fashion_mnist.yaml" in ds["ft-bb"].args
+
+
+def test_interrupted_records_are_resumed_and_unstarted_ones_restarted(tmp_path):
+    job = expand({"grid": {"attack": "badnet"}, "defenses": "none"}, tmp_path)[0]
+    assert job.command()[-1] == "--resume"                    # no folder: --resume starts a new run
+    job.out.mkdir()
+    (job.out / "poison.json").write_text("{}")               # killed before its first checkpoint
+    assert job.command()[-1] == "--overwrite"
+    (job.out / "checkpoint.pt").write_text("")               # interrupted after an epoch: continue it
+    assert job.command()[-1] == "--resume"
+
+
+def test_missing_defense_scripts_are_skipped_with_a_warning(tmp_path):
+    said = []
+    cfg = {"grid": {"attack": "badnet"},
+           "defenses": ["pdb", {"later": {"script": "defense/not_written_yet.py"}}]}
+    jobs = expand(cfg, tmp_path, warn=said.append)
+    assert [d.method for d in jobs[0].children] == ["pdb"]
+    assert len(said) == 1 and "later" in said[0] and "not_written_yet.py" in said[0]
+
+
+def test_bad_sweep_files_are_refused_with_the_key(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("grid: {attack: [badnet]}\nresource: {}\n")
+    with pytest.raises(UserError, match="resource"):
+        load_sweep(f)
+    with pytest.raises(UserError, match="unknown attack"):
+        expand({"grid": {"attack": ["nope"]}}, tmp_path)
+    with pytest.raises(UserError, match="unknown defense"):
+        expand({"grid": {"attack": ["badnet"]}, "defenses": ["nope"]}, tmp_path)
+    with pytest.raises(UserError, match="num_gpu"):
+        expand({"grid": {"attack": ["badnet"]}, "resources": {"attack": {"num_gpu": 1}}}, tmp_path)
+    for name in ("demo", "paper_cifar10"):  # the shipped sweeps expand
+        cfg = load_sweep(REPO / "config" / "sweep" / f"{name}.yaml")
+        assert expand(cfg, tmp_path, warn=lambda m: None)
+
+
+# --- a real sweep on a local Ray instance ----------------------------------------------------------------------
+
+def test_sweep_runs_the_grid_and_summarises(first_sweep):
+    tmp, root, path, rc, out = first_sweep
+    assert rc == 0, out
+    rec = root / "badnet_fashion_mnist_s0"
+    assert (rec / "summary.json").exists() and (rec / "defense" / "stub" / "summary.json").exists()
+    assert (root / "sweep_logs" / "badnet_fashion_mnist_s0.log").exists()
+    report = json.loads((root / "sweep_report.json").read_text())
+    assert [j["status"] for j in report["jobs"]] == ["done", "done"]
+    assert "done 2 | running 0 | failed 0 | left 0" in out
+    for f in ("summary.csv", "summary.md", "summary_mean_std.csv", "summary_mean_std.md", "acc_asr_bars.png",
+              "acc_vs_asr.png"):
+        assert (root / "summary" / f).stat().st_size > 0, f
+
+
+def test_summary_numbers_equal_the_records(first_sweep):
+    tmp, root, path, rc, out = first_sweep
+    df = pd.read_csv(root / "summary" / "summary.csv")
+    assert len(df) == 2
+    for r in df.itertuples():
+        s = json.loads((root / r.record / "summary.json").read_text())
+        for k in ("test_acc", "test_asr", "test_ra", "seconds"):
+            assert getattr(r, k) == s[k], (r.record, k)
+        assert (r.dataset, r.model, r.pratio, r.target, r.seed) == ("fashion_mnist", "cnn", 0.1, 0, 0)
+        if r.defense == "none":
+            assert r.attack == s["attack"] == "badnet" and math.isnan(r.der)
+        else:
+            assert r.defense == "stub" and r.der == s["der"] == 0.6875
+
+
+def test_rerun_skips_complete_jobs_without_starting_ray(first_sweep):
+    tmp, root, path, rc, out = first_sweep
+    log = root / "sweep_logs" / "badnet_fashion_mnist_s0.log"
+    before = log.stat().st_mtime_ns
+    rc, out = run_sweep(path)
+    assert rc == 0, out
+    assert "2 already complete" in out and "nothing to run" in out and "Ray started" not in out
+    assert log.stat().st_mtime_ns == before
+    assert [j["status"] for j in json.loads((root / "sweep_report.json").read_text())["jobs"]] == ["skipped"] * 2
+
+
+def test_a_failing_job_is_reported_and_the_rest_completes(first_sweep, fake_root, stub):
+    """On the same root: the badnet record and its stub defense are complete (skipped); a second stub defense
+    runs, a third is made to fail, and a blend attack fails (bad target), which blocks its defenses."""
+    tmp, root, _, _, _ = first_sweep
+    defenses = [{"stub": {"script": str(stub), "args": ["--out", "stub"]}},
+                {"stub2": {"script": str(stub), "args": ["--out", "stub2"]}},
+                {"broken": {"script": str(stub), "args": ["--out", "broken", "--fail", "true"]}}]
+    path = sweep_yaml(tmp, root, fake_root, stub, attacks=("badnet", "blend"), defenses=defenses,
+                      method_args={"blend": {"attack_target": 99}})
+    rc, out = run_sweep(path)
+    assert rc == 1, out
+    jobs = {j["name"]: j for j in json.loads((root / "sweep_report.json").read_text())["jobs"]}
+    status = {n: j["status"] for n, j in jobs.items()}
+    assert status == {"badnet_fashion_mnist_s0": "skipped", "badnet_fashion_mnist_s0__stub": "skipped",
+                      "badnet_fashion_mnist_s0__stub2": "done", "badnet_fashion_mnist_s0__broken": "failed",
+                      "blend_fashion_mnist_s0": "failed", "blend_fashion_mnist_s0__stub": "blocked",
+                      "blend_fashion_mnist_s0__stub2": "blocked", "blend_fashion_mnist_s0__broken": "blocked"}
+    failures = out[out.index("failures:"):]
+    for name in ("badnet_fashion_mnist_s0__broken", "blend_fashion_mnist_s0"):
+        assert name in failures and jobs[name]["log"] in failures
+    assert "made to fail" in jobs["badnet_fashion_mnist_s0__broken"]["message"]
+    assert "attack_target" in jobs["blend_fashion_mnist_s0"]["message"]
+    assert (root / "badnet_fashion_mnist_s0" / "defense" / "stub2" / "summary.json").exists()
+    assert set(pd.read_csv(root / "summary" / "summary.csv")["defense"]) == {"none", "stub", "stub2"}
+
+
+# --- the summary on hand-made records --------------------------------------------------------------------------
+
+def fake_record(folder, summary, config):
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"config": config}))
+
+
+def test_mean_and_std_over_seeds_and_the_plots(tmp_path):
+    accs, asrs = [0.9, 0.8], [1.0, 0.5]
+    for seed, (acc, asr) in enumerate(zip(accs, asrs)):
+        a = tmp_path / f"blend_s{seed}"
+        fake_record(a, {"attack": "blend", "dataset": "mnist", "model": "cnn", "pratio": 0.05, "test_acc": acc,
+                        "test_asr": asr, "test_ra": 0.0, "seconds": 10.0 + seed},
+                    {"attack_target": 3, "random_seed": seed})
+        fake_record(a / "defense" / "ft-init", {"defense": "ft", "attack": "blend", "test_acc": acc - 0.1,
+                                                "test_asr": 0.1, "test_ra": 0.7, "der": 0.4 + seed / 10,
+                                                "seconds": 2.0}, {"random_seed": seed})
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "summary.json").write_text("{}")   # not a record: ignored
+    df = collect(tmp_path)
+    assert list(df["defense"]) == ["none", "ft-init", "none", "ft-init"]   # folder name, undefended first
+    assert set(df["target"]) == {3} and list(df["seed"]) == [0, 0, 1, 1]
+    ms = mean_std(df).set_index("defense")
+    assert ms.loc["none", "n_seeds"] == 2
+    assert ms.loc["none", "test_acc_mean"] == pytest.approx(0.85)
+    assert ms.loc["none", "test_asr_std"] == pytest.approx(math.sqrt(0.125))   # sample std of 1.0 and 0.5
+    assert ms.loc["ft-init", "der_mean"] == pytest.approx(0.45)
+    assert ms.loc["ft-init", "test_asr_std"] == 0
+    out = tmp_path / "out"
+    summarize(tmp_path, out)
+    md = (out / "summary_mean_std.md").read_text()
+    assert "| blend | none | mnist | cnn | 0.05 | 3 | 2 | 85.00 ± 7.07 | 75.00 ± 35.36 |" in md
+    assert (out / "acc_asr_bars.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "acc_vs_asr.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(UserError, match="no complete record"):
+        summarize(tmp_path / "junk")
+
+
+def test_summarize_command_line(tmp_path):
+    fake_record(tmp_path / "r" / "a", {"attack": "badnet", "dataset": "fashion_mnist", "model": "cnn", "pratio": 0.1,
+                                       "test_acc": 0.5, "test_asr": 0.9, "test_ra": 0.1, "seconds": 1.0},
+                {"attack_target": 0, "random_seed": 0})
+    p = subprocess.run([sys.executable, "analysis/summarize.py", str(tmp_path / "r"), "--no_plots"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "| badnet | none | fashion_mnist | cnn | 0.1 | 0 | 0 | 50.00 | 90.00 | 10.00 |  | 1.0 |" in p.stdout
+    assert (tmp_path / "r" / "summary" / "summary.csv").exists()
+    p = subprocess.run([sys.executable, "analysis/summarize.py", str(tmp_path / "nothing")], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error:")
