@@ -15,7 +15,6 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -115,7 +114,7 @@ def main():
             opt.step()
 
     times = {name: timed(fn) for name, fn in [("bare", bare), ("real", real), ("conventional", conventional)]}
-    print(f"\n| pipeline | seconds per epoch | img/s | vs bare |\n|---|---|---|---|")
+    print("\n| pipeline | seconds per epoch | img/s | vs bare |\n|---|---|---|---|")
     for name, s in times.items():
         print(f"| {name} | {s:.1f} | {n / s:.0f} | {s / times['bare']:.2f}x |")
     print(f"\nreal / bare = {times['real'] / times['bare']:.2f}  (goal <= 1.15)")

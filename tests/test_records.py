@@ -6,7 +6,6 @@ import pytest
 import torch
 import yaml
 
-import attack.badnet as badnet
 import attack.blend as blend
 from tests.conftest import make_record
 from utils.errors import UserError

@@ -1,7 +1,6 @@
 """What every data-poisoning attack shares: its options, the config layering, building the poisoned sets,
 the training recipe of conventions §11, and writing the attack record. An attack file supplies its trigger
 (and, for Bypass, its own epoch)."""
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -9,7 +8,7 @@ import torch
 
 from models import MODELS, build_model
 from utils.config import CONFIG_DIR, Opt, build_parser, cli_values, format_config, in_range, read_yaml, resolve
-from utils.data import DATASETS, dataset_info, labels_digest, load_dataset
+from utils.data import DATASETS, dataset_info, load_dataset
 from utils.errors import UserError
 from utils.io import atomic_write_json
 from utils.plots import curves_figure, trigger_figure

@@ -1,7 +1,6 @@
 """What every defense shares: common options, config layering (command line > --yaml_path >
 config/defense/<defense>/<dataset>.yaml), loading the attack record, the defender's clean subset, the
 re-evaluation of the attacked model, and the defense record with DER and RIR (conventions §8-§10)."""
-import time
 from dataclasses import dataclass
 
 import torch
