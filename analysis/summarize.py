@@ -1,0 +1,303 @@
+"""Summaries across records: every complete attack record under a folder, and every defense record inside them,
+in one table (a row per record), a table of means and standard deviations over seeds, and two plots.
+
+    python analysis/summarize.py record/                 # writes record/summary/
+    python analysis/summarize.py record/sweep_demo --out results/
+
+Writes:
+  summary.csv, summary.md                   a row per record: attack, defense ('none' for the attacked model),
+                                            dataset, model, pratio, target, seed, test_acc, test_asr, test_ra,
+                                            DER, wall time (the CSV keeps fractions and adds RIR and the path;
+                                            the Markdown shows percentages)
+  summary_mean_std.csv, summary_mean_std.md mean and sample standard deviation over seeds of each setting
+  acc_asr_bars.png                          ACC and ASR per defense per attack setting (grouped bars, mean over
+                                            seeds, std as error bars)
+  acc_vs_asr.png                            ACC against ASR, one point per record, undefended points marked,
+                                            each defended point joined to its attacked model
+The values are the records' summary.json figures, unchanged (conventions §9: the last epoch of each run).
+"""
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from utils.errors import UserError, run_main  # noqa: E402
+
+KEYS = ["attack", "defense", "dataset", "model", "pratio", "target"]          # a setting; + seed = a record
+METRICS = ["test_acc", "test_asr", "test_ra", "der"]
+COLUMNS = KEYS + ["seed"] + METRICS + ["seconds"]
+NONE = "none"  # the defense column of an attacked (undefended) model
+SUMMARY_DIR = "summary"
+
+
+# --- reading records -------------------------------------------------------------------------------------------
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _config(folder: pathlib.Path) -> dict:
+    try:
+        return (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("config") or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _attack_info(folder: pathlib.Path, summary: dict) -> dict:
+    """What identifies an attack record: attack, dataset, model, pratio, target, seed."""
+    cfg = _config(folder)
+    attack = str(summary.get("attack", cfg.get("attack", "?")))
+    trigger = cfg.get("trigger")
+    if isinstance(trigger, str) and trigger not in attack:   # bypass --trigger badnet|blend
+        attack = f"{attack}_{trigger}"
+    if cfg.get("attack_label_trans") == "all2all":
+        target = f"all2all+{cfg.get('attack_label_shift_amount', 1)}"
+    else:
+        target = cfg.get("attack_target", 0)
+    return {"attack": attack, "dataset": summary.get("dataset", cfg.get("dataset")),
+            "model": summary.get("model", cfg.get("model")), "pratio": summary.get("pratio", cfg.get("pratio")),
+            "target": target, "seed": cfg.get("random_seed")}
+
+
+def collect(root) -> pd.DataFrame:
+    """A row per complete record (summary.json present) under root, attack records and defense records alike."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder of records")
+    rows = []
+    for path in sorted(root.rglob("summary.json")):
+        folder = path.parent
+        try:
+            s = _json(path)
+        except (OSError, ValueError) as e:
+            print(f"warning: skipping {path}: unreadable ({e})", file=sys.stderr)
+            continue
+        if not all(k in s for k in ("test_acc", "test_asr", "test_ra")):
+            continue  # not a record of this toolkit
+        if "defense" in s or folder.parent.name == "defense":
+            attack_folder = folder.parent.parent
+            parent = attack_folder / "summary.json"
+            a = _attack_info(attack_folder, _json(parent) if parent.exists() else s)
+            dcfg = _config(folder)
+            row = {**a, "defense": folder.name, "der": s.get("der"), "rir": s.get("rir"),
+                   "defense_seed": dcfg.get("random_seed")}
+        else:
+            row = {**_attack_info(folder, s), "defense": NONE, "der": math.nan, "rir": math.nan, "defense_seed": None}
+        row.update({k: s[k] for k in ("test_acc", "test_asr", "test_ra")})
+        row["seconds"] = s.get("seconds")
+        try:
+            row["record"] = str(folder.relative_to(root))
+        except ValueError:
+            row["record"] = str(folder)
+        rows.append(row)
+    cols = COLUMNS + ["rir", "defense_seed", "record"]
+    df = pd.DataFrame(rows, columns=cols)
+    df["defense_seed"] = df["defense_seed"].astype("Int64")
+    if df.empty:
+        return df
+    df["_undef"] = df["defense"] != NONE   # undefended rows first within a setting
+    df = df.sort_values(["dataset", "model", "attack", "pratio", "seed", "_undef", "defense"], kind="stable",
+                        key=lambda c: c.astype(str) if c.name in ("dataset", "model", "attack", "defense") else c)
+    return df.drop(columns="_undef").reset_index(drop=True)
+
+
+def mean_std(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample standard deviation (ddof 1; empty for a single seed) of each setting over its seeds."""
+    g = df.assign(target=df["target"].astype(str)).groupby(KEYS, sort=False, dropna=False)
+    out = g.size().rename("n_runs").to_frame()
+    out["n_seeds"] = g["seed"].nunique()
+    dup = out[out["n_runs"] > out["n_seeds"]]
+    for key, r in dup.iterrows():
+        print(f"warning: {' / '.join(map(str, key))}: {r.n_runs} records share {r.n_seeds} seed(s); they differ in "
+              "settings outside the table (epochs, recipe ...) and are averaged together", file=sys.stderr)
+    for m in METRICS + ["seconds"]:
+        out[f"{m}_mean"] = g[m].mean()
+        out[f"{m}_std"] = g[m].std(ddof=1)
+    return out.reset_index()
+
+
+# --- tables ----------------------------------------------------------------------------------------------------
+
+def _pct(v):
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def _markdown(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def records_markdown(df) -> str:
+    header = ["attack", "defense", "dataset", "model", "pratio", "target", "seed",
+              "ACC %", "ASR %", "RA %", "DER %", "wall s"]
+    rows = [[r.attack, r.defense, r.dataset, r.model, r.pratio, r.target, r.seed, _pct(r.test_acc),
+             _pct(r.test_asr), _pct(r.test_ra), _pct(r.der), "" if pd.isna(r.seconds) else f"{r.seconds:.1f}"]
+            for r in df.itertuples()]
+    return _markdown(header, rows)
+
+
+def mean_std_markdown(ms) -> str:
+    def pm(r, m, scale=100, digits=2):
+        mu, sd = getattr(r, f"{m}_mean"), getattr(r, f"{m}_std")
+        if pd.isna(mu):
+            return ""
+        return f"{scale * mu:.{digits}f}" + ("" if pd.isna(sd) else f" ± {scale * sd:.{digits}f}")
+    header = KEYS + ["runs", "ACC %", "ASR %", "RA %", "DER %", "wall s"]
+    rows = [[r.attack, r.defense, r.dataset, r.model, r.pratio, r.target, r.n_runs, pm(r, "test_acc"),
+             pm(r, "test_asr"), pm(r, "test_ra"), pm(r, "der"), pm(r, "seconds", 1, 1)] for r in ms.itertuples()]
+    return _markdown(header, rows)
+
+
+def _write(path: pathlib.Path, data):
+    """Temporary file then rename: a reader never sees half a table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+# --- plots -----------------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _setting_label(r, varying):
+    parts = [str(r["attack"])] + [f"{k} {r[k]}" for k in ("dataset", "model", "pratio", "target") if k in varying]
+    return "\n".join(parts)
+
+
+def _png(fig) -> bytes:
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def bars_figure(ms: pd.DataFrame) -> bytes:
+    """Two panels (ACC, ASR); a group of bars per attack setting, a bar per defense (mean over seeds, std bars)."""
+    plt = _plt()
+    settings = ms[["attack", "dataset", "model", "pratio", "target"]].drop_duplicates().reset_index(drop=True)
+    varying = [k for k in ("dataset", "model", "pratio", "target") if settings[k].nunique() > 1]
+    defenses = [NONE] + sorted(d for d in ms["defense"].unique() if d != NONE)
+    colors = plt.get_cmap("tab10" if len(defenses) <= 10 else "tab20")
+    n, k = len(settings), len(defenses)
+    width = 0.8 / k
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.0 + n * (0.35 * k + 0.6)), 6.5), sharex=True)
+    for ax, m, title in zip(axes, ("test_acc", "test_asr"), ("clean accuracy (ACC)", "attack success rate (ASR)")):
+        for j, d in enumerate(defenses):
+            xs, ys, es = [], [], []
+            for i, s in settings.iterrows():
+                hit = ms[(ms["defense"] == d) & (ms[["attack", "dataset", "model", "pratio", "target"]] == s).all(axis=1)]
+                if len(hit):
+                    xs.append(i - 0.4 + (j + 0.5) * width)
+                    ys.append(100 * hit[f"{m}_mean"].iloc[0])
+                    sd = hit[f"{m}_std"].iloc[0]
+                    es.append(0 if pd.isna(sd) else 100 * sd)
+            if xs:
+                bars = ax.bar(xs, ys, width, yerr=es if any(es) else None, capsize=2, ecolor="0.5",
+                              color="0.2" if d == NONE else colors(j - 1),
+                              label="no defense" if d == NONE else d, edgecolor="white", linewidth=0.5)
+                # the value over each bar, so that a bar of height 0 (a removed backdoor) still reads as a result
+                ax.bar_label(bars, labels=[f"{y:.0f}" for y in ys], fontsize=6, padding=1)
+        ax.set_ylabel(f"{title}, %")
+        ax.set_ylim(0, 110)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks(range(n))
+    axes[1].set_xticklabels([_setting_label(s, varying) for _, s in settings.iterrows()], fontsize=9)
+    axes[0].legend(ncol=min(k, 5), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.02))
+    return _png(fig)
+
+
+def scatter_figure(df: pd.DataFrame) -> bytes:
+    """ACC (y) against ASR (x), one point per record; undefended points are large black-edged stars; a thin line
+    joins each defended point to its attacked model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    defenses = sorted(d for d in df["defense"].unique() if d != NONE)
+    attacks = sorted(df["attack"].unique())
+    colors = plt.get_cmap("tab10" if len(defenses) <= 10 else "tab20")
+    markers = "osD^vP<>Xph"
+    undef = df[df["defense"] == NONE]
+    base = {pathlib.PurePath(r).as_posix(): (a, c) for r, a, c in zip(undef["record"], undef["test_asr"], undef["test_acc"])}
+    for r in df[df["defense"] != NONE].itertuples():
+        parent = pathlib.PurePath(r.record).parent.parent.as_posix()
+        if parent in base:
+            a, c = base[parent]
+            ax.plot([100 * a, 100 * r.test_asr], [100 * c, 100 * r.test_acc], color="0.8", lw=0.6, zorder=1)
+    for ai, a in enumerate(attacks):
+        mk = markers[ai % len(markers)]
+        for di, d in enumerate(defenses):
+            s = df[(df["attack"] == a) & (df["defense"] == d)]
+            if len(s):
+                ax.scatter(100 * s["test_asr"], 100 * s["test_acc"], marker=mk, color=colors(di), s=36, zorder=3,
+                           label=d if ai == 0 else None)
+        s = undef[undef["attack"] == a]
+        if len(s):
+            ax.scatter(100 * s["test_asr"], 100 * s["test_acc"], marker="*", s=220, color="gold", edgecolor="black",
+                       zorder=2, label="no defense (the attacked model)" if ai == 0 else None)
+    # one legend entry per attack marker, so the shapes can be read
+    for ai, a in enumerate(attacks):
+        ax.scatter([], [], marker=markers[ai % len(markers)], color="0.4", label=f"attack: {a}")
+    ax.set_xlabel("attack success rate (ASR), %")
+    ax.set_ylabel("clean accuracy (ACC), %")
+    ax.set_xlim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("each defense's record against its attacked model (better: up and left)", fontsize=9)
+    return _png(fig)
+
+
+# --- the whole summary -----------------------------------------------------------------------------------------
+
+def summarize(root, out=None, show=False, plots=True) -> pd.DataFrame:
+    root = pathlib.Path(root)
+    out = pathlib.Path(out) if out else root / SUMMARY_DIR
+    df = collect(root)
+    if df.empty:
+        raise UserError(f"no complete record (a folder with summary.json) under {root}")
+    ms = mean_std(df)
+    _write(out / "summary.csv", df.to_csv(index=False))
+    _write(out / "summary.md", records_markdown(df))
+    _write(out / "summary_mean_std.csv", ms.to_csv(index=False))
+    _write(out / "summary_mean_std.md", mean_std_markdown(ms))
+    if plots:
+        _write(out / "acc_asr_bars.png", bars_figure(ms))
+        _write(out / "acc_vs_asr.png", scatter_figure(df))
+    if show:
+        print("\n" + records_markdown(df))
+    print(f"{len(df)} records ({(df['defense'] == NONE).sum()} attacks, {(df['defense'] != NONE).sum()} defenses) "
+          f"summarised in {out}/")
+    return df
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="analysis/summarize.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", help="a folder of records, e.g. record/")
+    p.add_argument("--out", default=None, help=f"output folder (default: <root>/{SUMMARY_DIR}/)")
+    p.add_argument("--no_plots", action="store_true", help="tables only")
+    p.add_argument("--quiet", action="store_true", help="do not print the table")
+    args = p.parse_args(argv)
+    summarize(args.root, args.out, show=not args.quiet, plots=not args.no_plots)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
