@@ -12,6 +12,7 @@ from torch import nn
 
 import defense.sau as sau
 from models import build_model
+from utils.config import CONFIG_DIR, read_yaml
 from utils.errors import UserError
 from utils.train import Precision
 
@@ -245,7 +246,8 @@ def test_record_files_and_rules(tiny_record, tmp_path):
               "shared_fraction", "pgd_steps_mean", "pgd_seconds", "clean_test_loss", "bd_test_loss", "ra_test_loss",
               "test_acc", "test_asr", "test_ra"):
         assert k in rows[0], k
-    assert rows[0]["lr"] == rows[1]["lr"] == "0.0001"
+    lr = read_yaml(CONFIG_DIR / "defense" / "sau" / "fashion_mnist.yaml")["lr"]
+    assert float(rows[0]["lr"]) == float(rows[1]["lr"]) == lr  # constant
     config = (out / "config.yaml").read_text()
     assert "n_rounds = 2 (spec default 100)" in config
     with pytest.raises(UserError, match="already exists"):
