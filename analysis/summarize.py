@@ -31,9 +31,12 @@ import yaml  # noqa: E402
 
 from utils.errors import UserError, run_main  # noqa: E402
 
-KEYS = ["attack", "defense", "dataset", "model", "pratio", "target"]          # a setting; + seed = a record
+KEYS = ["attack", "defense", "dataset", "model", "pratio", "target", "variant"]  # a setting; + seed = a record
+# settings that do not change what a record is (paths, devices, seeds): records differing only in them are repeats
+NOT_A_SETTING = {"save_folder_name", "result_file", "dataset_path", "device", "eval_batch_size", "random_seed"}
 METRICS = ["test_acc", "test_asr", "test_ra", "der"]
 COLUMNS = KEYS + ["seed"] + METRICS + ["seconds"]
+SETTING_KEYS = [k for k in KEYS if k != "variant"]
 NONE = "none"  # the defense column of an attacked (undefended) model
 SUMMARY_DIR = "summary"
 
@@ -68,6 +71,27 @@ def _attack_info(folder: pathlib.Path, summary: dict) -> dict:
             "target": target, "seed": cfg.get("random_seed")}
 
 
+def _settings(defense_folder, attack_folder) -> dict:
+    """Every setting of a record (the attack's, and the defense's prefixed with 'defense.'), paths and seeds aside."""
+    out = {k: v for k, v in _config(attack_folder).items() if k not in NOT_A_SETTING}
+    if defense_folder is not None:
+        out.update({f"defense.{k}": v for k, v in _config(defense_folder).items() if k not in NOT_A_SETTING})
+    return out
+
+
+def _variants(df) -> list:
+    """'' where a setting (attack, defense, dataset, model, pratio, target) has one configuration; otherwise the keys
+    in which its records differ, e.g. 'epochs=8', so that different runs are never averaged as if they were seeds."""
+    labels = [""] * len(df)
+    for _, idx in df.groupby([df[k].astype(str) for k in SETTING_KEYS], sort=False).groups.items():
+        confs = [df.at[i, "_settings"] for i in idx]
+        keys = sorted({k for c in confs for k in c})
+        differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in confs}) > 1]
+        for i, c in zip(idx, confs):
+            labels[df.index.get_loc(i)] = ", ".join(f"{k}={c.get(k)}" for k in differ)
+    return labels
+
+
 def collect(root) -> pd.DataFrame:
     """A row per complete record (summary.json present) under root, attack records and defense records alike."""
     root = pathlib.Path(root)
@@ -92,6 +116,8 @@ def collect(root) -> pd.DataFrame:
                    "defense_seed": dcfg.get("random_seed")}
         else:
             row = {**_attack_info(folder, s), "defense": NONE, "der": math.nan, "rir": math.nan, "defense_seed": None}
+        row["_settings"] = _settings(folder if row["defense"] != NONE else None,
+                                     folder.parent.parent if row["defense"] != NONE else folder)
         row.update({k: s[k] for k in ("test_acc", "test_asr", "test_ra")})
         row["seconds"] = s.get("seconds")
         try:
@@ -100,10 +126,12 @@ def collect(root) -> pd.DataFrame:
             row["record"] = str(folder)
         rows.append(row)
     cols = COLUMNS + ["rir", "defense_seed", "record"]
-    df = pd.DataFrame(rows, columns=cols)
+    df = pd.DataFrame(rows, columns=cols + ["_settings"])
     df["defense_seed"] = df["defense_seed"].astype("Int64")
     if df.empty:
-        return df
+        return df.drop(columns="_settings")
+    df["variant"] = _variants(df)
+    df = df.drop(columns="_settings")
     df["_undef"] = df["defense"] != NONE   # undefended rows first within a setting
     df = df.sort_values(["dataset", "model", "attack", "pratio", "seed", "_undef", "defense"], kind="stable",
                         key=lambda c: c.astype(str) if c.name in ("dataset", "model", "attack", "defense") else c)
@@ -117,8 +145,8 @@ def mean_std(df: pd.DataFrame) -> pd.DataFrame:
     out["n_seeds"] = g["seed"].nunique()
     dup = out[out["n_runs"] > out["n_seeds"]]
     for key, r in dup.iterrows():
-        print(f"warning: {' / '.join(map(str, key))}: {r.n_runs} records share {r.n_seeds} seed(s); they differ in "
-              "settings outside the table (epochs, recipe ...) and are averaged together", file=sys.stderr)
+        print(f"warning: {' / '.join(map(str, key))}: {r.n_runs} records with the same settings share {r.n_seeds} "
+              "seed(s) (copies of one run?); they are averaged together", file=sys.stderr)
     for m in METRICS + ["seconds"]:
         out[f"{m}_mean"] = g[m].mean()
         out[f"{m}_std"] = g[m].std(ddof=1)
@@ -143,7 +171,14 @@ def records_markdown(df) -> str:
     rows = [[r.attack, r.defense, r.dataset, r.model, r.pratio, r.target, r.seed, _pct(r.test_acc),
              _pct(r.test_asr), _pct(r.test_ra), _pct(r.der), "" if pd.isna(r.seconds) else f"{r.seconds:.1f}"]
             for r in df.itertuples()]
-    return _markdown(header, rows)
+    return _markdown(*_with_variant(df, header, rows))
+
+
+def _with_variant(df, header, rows):
+    """The variant column only where some setting has several configurations."""
+    if not (df["variant"] != "").any():
+        return header, rows
+    return header[:6] + ["variant"] + header[6:], [r[:6] + [v] + r[6:] for r, v in zip(rows, df["variant"])]
 
 
 def mean_std_markdown(ms) -> str:
@@ -152,10 +187,10 @@ def mean_std_markdown(ms) -> str:
         if pd.isna(mu):
             return ""
         return f"{scale * mu:.{digits}f}" + ("" if pd.isna(sd) else f" ± {scale * sd:.{digits}f}")
-    header = KEYS + ["runs", "ACC %", "ASR %", "RA %", "DER %", "wall s"]
+    header = SETTING_KEYS + ["runs", "ACC %", "ASR %", "RA %", "DER %", "wall s"]
     rows = [[r.attack, r.defense, r.dataset, r.model, r.pratio, r.target, r.n_runs, pm(r, "test_acc"),
              pm(r, "test_asr"), pm(r, "test_ra"), pm(r, "der"), pm(r, "seconds", 1, 1)] for r in ms.itertuples()]
-    return _markdown(header, rows)
+    return _markdown(*_with_variant(ms, header, rows))
 
 
 def _write(path: pathlib.Path, data):
@@ -193,7 +228,8 @@ def _png(fig) -> bytes:
 def bars_figure(ms: pd.DataFrame) -> bytes:
     """Two panels (ACC, ASR); a group of bars per attack setting, a bar per defense (mean over seeds, std bars)."""
     plt = _plt()
-    settings = ms[["attack", "dataset", "model", "pratio", "target"]].drop_duplicates().reset_index(drop=True)
+    cols = ["attack", "dataset", "model", "pratio", "target"]
+    settings = ms[cols].drop_duplicates().reset_index(drop=True)
     varying = [k for k in ("dataset", "model", "pratio", "target") if settings[k].nunique() > 1]
     defenses = [NONE] + sorted(d for d in ms["defense"].unique() if d != NONE)
     colors = plt.get_cmap("tab10" if len(defenses) <= 10 else "tab20")
@@ -204,7 +240,7 @@ def bars_figure(ms: pd.DataFrame) -> bytes:
         for j, d in enumerate(defenses):
             xs, ys, es = [], [], []
             for i, s in settings.iterrows():
-                hit = ms[(ms["defense"] == d) & (ms[["attack", "dataset", "model", "pratio", "target"]] == s).all(axis=1)]
+                hit = ms[(ms["defense"] == d) & (ms[cols] == s).all(axis=1)]
                 if len(hit):
                     xs.append(i - 0.4 + (j + 0.5) * width)
                     ys.append(100 * hit[f"{m}_mean"].iloc[0])

@@ -224,6 +224,10 @@ def setup_bypass(ctx):
     """Called by run_attack once the classifier exists: adds D and its optimiser to the checkpointed state, D's
     weights to model.pt, and D's held-out metrics to every evaluation."""
     device = ctx.x_train.device
+    b = ctx.cfg["batch_size"]
+    if not ctx.cfg["drop_last"] and len(ctx.y_train) % b == 1:
+        raise UserError(f"the last batch would hold one sample ({len(ctx.y_train)} = k x {b} + 1), which the "
+                        "discriminator's BatchNorm cannot train on; keep --drop_last true or change --batch_size")
     disc, disc_opt, noise_gen = build_discriminator(ctx.model, ctx.cfg, device)
     ctx.state.update(discriminator=disc, disc_optimizer=disc_opt, disc_noise_gen=GeneratorState(noise_gen))
     # state_dict() shares storage with D's tensors (updated in place), so model.pt gets the final weights

@@ -38,15 +38,15 @@ def parse_range(v):
     if len(vals) != 2:
         raise ValueError("expected two numbers lo,hi")
     lo, hi = float(vals[0]), float(vals[1])
-    if not 0 < lo <= hi:
-        raise ValueError("expected 0 < lo <= hi")
+    if not 0 < lo <= hi < math.inf:
+        raise ValueError("expected finite numbers 0 < lo <= hi")
     return [lo, hi]
 
 
 prob = in_range(0, 1)
 OPTIONS = [
     # the recipe: a new model trained from scratch (pdb.md §3, §8)
-    Opt("model", str, None, "architecture trained from scratch (default: the attack's)", choices=tuple(MODELS)),
+    Opt("model", str, "preactresnet18", "architecture trained from scratch", choices=tuple(MODELS)),
     Opt("model_width", int, None, "base width (default: the attack's when the architecture is the same)", check=in_range(1)),
     Opt("epochs", int, 100, "training epochs", check=in_range(1)),
     Opt("batch_size", int, 256, "training batch size (shuffled, drop_last)", check=in_range(1)),
@@ -66,7 +66,8 @@ OPTIONS = [
     Opt("sample_frequency", int, 5, "copies of the defensive set per epoch: the weight of the defensive loss",
         check=in_range(1)),
     # the defensive trigger and mapping (§4, §5)
-    Opt("pix_value", float, 2.0, "defensive trigger value in pixel units (outside [0, 1] on purpose)"),
+    Opt("pix_value", float, 2.0, "defensive trigger value in pixel units (outside [0, 1] on purpose)",
+        check=lambda v: None if math.isfinite(v) else "allowed: a finite number"),
     Opt("trigger_type", int, 1, "mask: 0 border frame, 1 top-left square, 2 dotted border", choices=(0, 1, 2)),
     Opt("square_size", int, 7, "side of the type-1 square", check=in_range(1)),
     Opt("border_width", int, 1, "width of the type-0 frame", check=in_range(1)),
@@ -81,8 +82,7 @@ OPTIONS = [
     Opt("crop_padding", int, 4, "random-crop padding of every training sample (0: no crop)", check=in_range(0)),
     Opt("flip_prob", float, 0.5, "horizontal-flip probability of every training sample", check=prob),
     # keys of the original that are refused with a pointer (yaml only)
-    Opt("lmd_1", str, None, "", cli=False), Opt("lmd_2", str, None, "", cli=False),
-    Opt("lmd_3", str, None, "", cli=False), Opt("index", str, None, "", cli=False),
+    *(Opt(k, lambda v: v, None, "", cli=False) for k in ("lmd_1", "lmd_2", "lmd_3", "index")),
 ]
 REFUSED = {
     "lmd_1": "the original's lmd_* are not loss weights; the defensive weight is sample_frequency and the noise "
@@ -118,7 +118,8 @@ def select_defensive(data, ratio, source, seed):
     if len(data.reserve_indices):
         idx = class_balanced_draw(data.reserve_indices, data.y_train_true, n_c, k, g, what="PDB defensive set")
         return idx, "reserve"
-    idx = class_balanced_draw(data.train_indices, data.y_train, n_c, k, g, what="PDB defensive set")
+    idx = class_balanced_draw(data.train_indices, data.y_train, n_c, k, g, what="PDB defensive set",
+                              hint="lower --ratio")
     return idx, source
 
 
@@ -246,13 +247,14 @@ def evaluate(ctx, defended: DefendedModel):
 
 
 def main(argv=None):
-    cfg, args = defense_config("pdb", OPTIONS, argv, __doc__)
+    cfg, args = defense_config("pdb", OPTIONS, argv, __doc__,
+                               spec_for=lambda cfg, dataset: {"border_width": 5} if dataset == "tiny" else {})
     check_settings(cfg)
     ctx = open_defense("pdb", cfg, args)
     try:
         data, info, run = ctx.data, ctx.record.model_info, ctx.run
         k = data.num_classes
-        name = cfg["model"] or info["model_name"]
+        name = cfg["model"]
         width = cfg["model_width"] or (info["width"] if name == info["model_name"] else None)
         torch.manual_seed(cfg["random_seed"])   # the initial weights
         inner = ctx.precision.prepare_model(build_model(name, k, info["input_shape"][0], info["mean"], info["std"], width))
@@ -263,11 +265,14 @@ def main(argv=None):
         x_def, y_def = defensive_samples(data, idx, source, defended)
         stream = Stream(data, x_def, y_def, ctx.device)
         n_epoch = stream.n_ord + cfg["sample_frequency"] * stream.n_def
+        if n_epoch < cfg["batch_size"]:
+            raise UserError(f"an epoch holds {n_epoch} samples, fewer than batch_size {cfg['batch_size']}: with drop_last "
+                            "no step would be taken; lower --batch_size")
         run.write_file("index.txt", "".join(f"{i}\n" for i in idx.tolist()))
-        run.meta["defensive_set"] = {"source": source, "size": len(idx), "per_class": len(idx) // k,
-                                     "ratio": cfg["ratio"], "seed": cfg["random_seed"], "epoch_size": n_epoch,
-                                     "iterations_per_epoch": n_epoch // cfg["batch_size"]}
-        run.meta["model"] = {"name": name, "width": width}
+        run.update_meta(defensive_set={"source": source, "size": len(idx), "per_class": len(idx) // k,
+                                       "ratio": cfg["ratio"], "seed": cfg["random_seed"], "epoch_size": n_epoch,
+                                       "iterations_per_epoch": n_epoch // cfg["batch_size"]},
+                        model={"name": name, "width": width})
         print(f"defensive set: {len(idx)} samples ({len(idx) // k} per class) from {source}, labels (y + "
               f"{cfg['target_type']}) mod {k}; epoch of {stream.n_ord} + {cfg['sample_frequency']} x {stream.n_def} = "
               f"{n_epoch} samples, {n_epoch // cfg['batch_size']} iterations; training {name} from scratch")
@@ -276,20 +281,21 @@ def main(argv=None):
                   "defensive_source is ignored")
         p = ctx.record.poison
         if p["attack_label_trans"] == "all2all" and (p["attack_label_shift_amount"] - cfg["target_type"]) % k == 0:
-            run.meta["same_target_as_attacker"] = True
+            run.update_meta(same_target_as_attacker=True)
             print("caution: the defensive mapping h equals the attack's all2all mapping (the paper's 'attacker uses the "
                   "defender's target' case)")
 
         optimizer = make_optimizer(inner.parameters(), cfg)
         scheduler = make_scheduler(optimizer, cfg)
         shuffle_gen, aug_gen = generator(cfg["random_seed"], "shuffle"), generator(cfg["random_seed"], "augmentation")
-        state = {"model": inner, "optimizer": optimizer, "scheduler": scheduler,
+        state = {"model": inner, "optimizer": optimizer, "scheduler": scheduler, "precision": ctx.precision,
                  "shuffle_gen": GeneratorState(shuffle_gen), "aug_gen": GeneratorState(aug_gen)}
         rows = fit(run, cfg["epochs"],
                    lambda e: train_epoch(inner, stream, optimizer, scheduler, ctx.precision, shuffle_gen, aug_gen, cfg),
                    lambda: evaluate(ctx, defended), state)
         return finish_defense(ctx, rows, defended.payload(name, width, info["dataset"]),
-                              {"defensive_source": source, "n_defensive": len(idx),
+                              {"model": name, "defensive_source": source, "n_defensive": len(idx),
+                               "same_target_as_attacker": bool(run.meta.get("same_target_as_attacker")),
                                "train_seconds": round(sum(r["seconds"] for r in rows), 2),
                                "attack_train_seconds": ctx.record.summary.get("train_seconds")},
                               curves_title=f"PDB on {ctx.record.path.name} (dashed: raw model)")

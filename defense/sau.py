@@ -18,10 +18,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils.config import Opt, in_range, read_yaml  # noqa: E402
+from utils.config import Opt, in_range  # noqa: E402
 from utils.defense import defense_config, finish_defense, open_defense  # noqa: E402
 from utils.errors import run_main  # noqa: E402
-from utils.record import check_attack_record  # noqa: E402
 from utils.seeding import generator  # noqa: E402
 from utils.train import GeneratorState, batch_indices, fit, predict, progress, to_unit  # noqa: E402
 
@@ -48,14 +47,6 @@ OPTIONS = [
     Opt("train_mode", bool, False, "f_theta in train mode for the unlearning forward (BN statistics updated); "
         "default eval mode throughout, as the original"),
 ]
-
-# The spec's defaults (sau.md §3); a dataset file that departs from them is listed as a deviation in config.yaml.
-SPEC_DEFAULTS = {"ratio": 0.05, "index": None, "batch_size": 256, "n_rounds": 100, "outer_steps": 1,
-                 "client_optimizer": "adam", "lr": 1e-4, "norm_type": "L_inf", "trigger_norm": 0.2, "adv_lr": 0.2,
-                 "adv_steps": 5, "pgd_init": "max", "beta_1": 0.01, "beta_2": 1.0, "lmd_1": 1.0, "lmd_2": 0.0,
-                 "lmd_3": 1.0, "train_mode": False}
-SPEC_DEFAULTS_BY_DATASET = {"tiny": {"n_rounds": 20}}
-
 
 # --- the inner maximisation: shared PGD (spec §5.1) -----------------------------------------------------------
 
@@ -190,15 +181,11 @@ def sau_round(model, ref, x_clean, y_clean, optimizer, cfg, precision, gen):
 
 # --- main -----------------------------------------------------------------------------------------------------
 
-def spec_deviations(cfg, dataset):
-    spec = {**SPEC_DEFAULTS, **SPEC_DEFAULTS_BY_DATASET.get(dataset, {})}
-    return [f"{k} = {cfg[k]!r} (spec default {v!r})" for k, v in spec.items() if cfg[k] != v]
-
-
 def main(argv=None):
-    cfg, args = defense_config("sau", OPTIONS, argv, __doc__)
-    dataset = read_yaml(check_attack_record(cfg["result_file"]) / "config.yaml")["config"]["dataset"]
-    ctx = open_defense("sau", cfg, args, deviations=spec_deviations(cfg, dataset))
+    # the options' defaults are the spec's (sau.md §3); tiny has 20 rounds
+    cfg, args = defense_config("sau", OPTIONS, argv, __doc__,
+                               spec_for=lambda cfg, dataset: {"n_rounds": 20} if dataset == "tiny" else {})
+    ctx = open_defense("sau", cfg, args)
     try:
         x_clean, y_clean, _ = ctx.clean_subset(cfg["ratio"], balanced=False, index_file=cfg["index"])
         model = ctx.attacked_model()
@@ -216,7 +203,8 @@ def main(argv=None):
 
         rows = fit(ctx.run, cfg["n_rounds"], lambda r: sau_round(model, ref, x_clean, y_clean, optimizer, cfg,
                                                                  precision, gen),
-                   evaluate, {"model": model, "optimizer": optimizer, "loader_gen": GeneratorState(gen)}, label="round")
+                   evaluate, {"model": model, "optimizer": optimizer, "loader_gen": GeneratorState(gen),
+                    "precision": precision}, label="round")
         round_seconds = sum(r["seconds"] for r in rows)
         pgd_seconds = sum(r["pgd_seconds"] for r in rows)
         return finish_defense(ctx, rows, ctx.plain_payload(model.eval()), {

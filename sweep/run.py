@@ -79,15 +79,9 @@ class Job:
     message: str = ""
 
     def command(self, python="python"):
-        return [python, self.script, *self.args, self.restart_flag()]
-
-    def restart_flag(self):
-        """--resume continues an interrupted record from its checkpoint (and starts a missing one); a folder left by
-        a run killed before its first checkpoint holds nothing to resume, and the scripts refuse to resume it."""
-        p = self.out
-        if p.is_dir() and not any((p / f).exists() for f in ("checkpoint.pt", "summary.json", "defense")):
-            return "--overwrite"
-        return "--resume"
+        # --resume continues an interrupted record from its checkpoint, starts a missing one, and starts again one
+        # that died before its first checkpoint; run_job skips a record that is already complete
+        return [python, self.script, *self.args, "--resume"]
 
 
 def is_complete(path) -> bool:
@@ -290,15 +284,24 @@ def _die_with_parent():
         pass
 
 
-def run_job(command: list, cwd: str, log: str, threads: int) -> dict:
-    """Run one attack or defense command with stdout+stderr into its log; the exit code says how it went."""
+def run_job(command: list, cwd: str, log: str, threads: int, out: str = None) -> dict:
+    """Run one attack or defense command with stdout+stderr into its log; the exit code says how it went.
+    A record already complete when the task starts (a retry after the first attempt finished) is not run again."""
     import socket
     import subprocess
     t0 = time.time()
+    if out and is_complete(out):
+        return {"rc": 0, "seconds": 0.0, "host": socket.gethostname(), "already_complete": True}
     os.makedirs(os.path.dirname(log), exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # as many compute threads as CPUs requested, so that jobs sharing a machine do not oversubscribe its cores
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    try:  # a task granted no GPU must not use one behind Ray's back (Ray sets CUDA_VISIBLE_DEVICES only when it grants)
+        import ray
+        if ray.is_initialized() and not ray.get_gpu_ids():
+            env["CUDA_VISIBLE_DEVICES"] = ""
+    except Exception:
+        pass
     command = [sys.executable if c == "python" else c for c in command]
     with open(log, "w", buffering=1) as f:
         f.write(f"# {' '.join(command)}\n# host {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}, "
@@ -375,7 +378,7 @@ def run_sweep(jobs: list, ray, progress_every=60.0):
             pass
         threads = max(1, math.ceil(job.resources.get("num_cpus", 1) or 1))
         ref = task.options(**job.resources, max_retries=1, name=job.name).remote(job.command(), str(REPO),
-                                                                                 str(job.log), threads)
+                                                                                 str(job.log), threads, str(job.out))
         job.status = "queued"
         pending[ref] = job
 
@@ -413,7 +416,7 @@ def run_sweep(jobs: list, ray, progress_every=60.0):
                     job.message = "" if ok else (f"exit code {r['rc']}: {last_line(job.log)}" if r["rc"] != 0 else
                                                  "ended without writing summary.json")
                 except Exception as e:  # the worker died (killed, out of memory, node lost)
-                    ok, job.message = False, f"Ray task failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    ok, job.message = False, f"Ray task failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
                 job.status = "done" if ok else "failed"
                 note = f"{'finished' if ok else 'FAILED'} {job.name}" + (f" ({job.seconds:.0f}s)" if job.seconds else "")
                 if not ok:

@@ -70,13 +70,17 @@ def test_model_loss_is_ce_minus_lambda_bce_and_disc_loss_is_detached():
     out["loss_d"].backward()
     assert all(q.grad is None for q in model.parameters())
     assert all(q.grad is not None for q in disc.parameters())
-    # L_model's gradient on the features is -lam times the BCE's: the classifier ascends D's loss
-    model.zero_grad()
-    hh = h.detach().requires_grad_(True)
-    g_bce, = torch.autograd.grad(bypass.bce(disc(hh), p), hh)
-    g_model, = torch.autograd.grad(F.cross_entropy(model.head(hh), y) - lam * bypass.bce(disc(hh), p), hh)
-    g_ce, = torch.autograd.grad(F.cross_entropy(model.head(hh), y), hh)
-    assert torch.allclose(g_model, g_ce - lam * g_bce, atol=1e-5)
+    # L_model's gradient on the classifier is that of CE - lam * BCE: the classifier ascends D's loss
+    params = list(model.parameters())
+    out = bypass.bypass_losses(model, disc, x, y, p, lam, FP32)
+    g_out = torch.autograd.grad(out["loss_model"], params, allow_unused=True)
+    logits, h = model.forward_with_features(x)
+    ce = F.cross_entropy(logits, y)
+    g_hand = torch.autograd.grad(ce - lam * bypass.bce(disc(h), p), params, retain_graph=True, allow_unused=True)
+    g_ce = torch.autograd.grad(ce, params, allow_unused=True)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_out, g_hand))
+    backbone = [i for i, q in enumerate(params) if any(q is r for r in model.backbone_parameters())]
+    assert any(not torch.allclose(g_out[i], g_ce[i], atol=1e-4) for i in backbone)   # the D term reaches the backbone
 
 
 def test_bce_of_saturated_outputs_is_finite():
@@ -236,9 +240,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, fake_root, monkeypatch):
 
 
 def test_short_real_run_gives_a_working_backdoor(tmp_path, real_subset_root):
+    # lambda = 0.5: on the compact CNN the default lambda = 20 trades the backdoor away for hiding (see the report /
+    # bench/separability.py); this checks that the adversarial loop trains a working backdoor with the D term active.
     s = make_record(tmp_path / "real", real_subset_root, "bypass",
-                    extra=["--epochs", "6", "--cos_t_max", "6", "--batch_size", "64"])
+                    extra=["--epochs", "6", "--cos_t_max", "6", "--batch_size", "64", "--regularization_ratio", "0.5"])
     rows = (tmp_path / "real" / "metrics.csv").read_text().splitlines()
     last = dict(zip(rows[0].split(","), rows[-1].split(",")))
     assert s["test_asr"] > 0.9 and s["test_acc"] > 0.7, s
-    assert 0.0 <= float(last["disc_auc"]) <= 1.0
+    assert 0.0 <= float(last["disc_auc"]) <= 1.0 and float(last["adv_term"]) > 0

@@ -51,6 +51,9 @@ def test_hooks_see_every_conv_once_in_forward_order(name, width, c, size):
     assert uncalled == [] and sorted(names) == sorted(all_convs) and len(set(names)) == len(names)
     assert names == expected_forward_order(name)
     assert m.training is False
+    m.train()
+    fmp.conv_layers(m, torch.rand(2, c, size, size))
+    assert m.training is True     # the previous mode comes back
 
 
 def test_preactresnet18_has_20_convs_and_4800_maps_and_75_pruned():
@@ -94,7 +97,7 @@ def test_in_place_change_of_a_conv_output_is_refused():
 # --- FGSM --------------------------------------------------------------------------------------------------
 
 def test_random_start_and_fgsm_images_stay_in_bounds_and_scores_are_multiples_of_1_over_b():
-    m = small("cnn", 16, 1)
+    m = small("cnn", 4, 1)
     x = 0.1 + 0.8 * torch.rand(8, 1, 28, 28)
     x[:, :, :4] = 0.0   # saturated pixels: the clip must act
     x[:, :, -4:] = 1.0
@@ -112,14 +115,14 @@ def test_random_start_and_fgsm_images_stay_in_bounds_and_scores_are_multiples_of
     with torch.no_grad(), fmp.ConvRecorder(m) as rec:
         m(x)
     clean = rec.outputs()[1][2]
-    x_adv = fmp.fgsm_step(x0, fmp.map_gradients(out, clean, x0g, [0, 5, 31]), eps)
+    x_adv = fmp.fgsm_step(x0, fmp.map_gradients(out, clean, x0g, [0, 5, 7]), eps)
     assert x_adv.shape == (3, 8, 1, 28, 28)
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert (x_adv - x).abs().max() <= alpha + eps + 1e-6
     assert (x_adv - x).abs().max() > alpha + eps - 1e-6  # the bound is reached: no projection onto an eps ball
     ranked = fmp.rank_feature_maps(m, x, y, x0, eps, "batched", 7)
     scores = torch.cat([s for *_, s in ranked])
-    assert len(scores) == 176 and torch.equal(scores * 8, (scores * 8).round())
+    assert len(scores) == 44 and torch.equal(scores * 8, (scores * 8).round())
 
 
 @pytest.mark.parametrize("mode", ["loop", "batched"])
@@ -147,7 +150,7 @@ def test_shared_graph_gradient_equals_a_fresh_forward(mode):
 
 
 def test_loop_and_batched_rankings_agree():
-    m = small("cnn", 8, 1)
+    m = small("cnn", 4, 1)
     x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
     x0 = fmp.random_start(x, 0.02, torch.Generator().manual_seed(0))
     a = torch.cat([s for *_, s in fmp.rank_feature_maps(m, x, y, x0, 0.06, "loop", 5)])
@@ -156,15 +159,27 @@ def test_loop_and_batched_rankings_agree():
 
 
 def test_ranking_leaves_batchnorm_statistics_and_mode_unchanged():
-    m = small("resnet18", 4)
+    m = small("resnet18", 2)
     m.train()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    x = torch.rand(4, 3, 16, 16)
+    x = torch.rand(4, 3, 8, 8)
     fmp.rank_feature_maps(m, x, torch.zeros(4, dtype=torch.long), fmp.random_start(x, 0.02, torch.Generator()), 0.06)
     fmp.bn_after_conv(m, x[:1])
     assert m.training
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_ranking_batch_is_reproducible_and_unaugmented():
+    x_sub = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8)
+    y_sub = torch.arange(50) % 10
+    x, y, pick = fmp.ranking_batch(x_sub, y_sub, 32, seed=0)
+    x2, _, pick2 = fmp.ranking_batch(x_sub, y_sub, 32, seed=0)
+    _, _, pick3 = fmp.ranking_batch(x_sub, y_sub, 32, seed=1)
+    assert torch.equal(pick, pick2) and not torch.equal(pick, pick3) and len(set(pick.tolist())) == 32
+    assert torch.equal(x, x_sub[pick].float() / 255) and torch.equal(y, y_sub[pick])  # the stored pixels, no crop
+    with pytest.raises(UserError, match="rank_batch_size"):
+        fmp.ranking_batch(x_sub, y_sub, 51, seed=0)
 
 
 # --- selection -------------------------------------------------------------------------------------------
@@ -247,23 +262,35 @@ def test_bn_identity_rule_on_the_registered_architectures():
     assert len(fmp.bn_after_conv(vgg, torch.rand(1, 3, 16, 16))) == 16
 
 
-@pytest.mark.parametrize("name,width,c,size", [("cnn", 16, 1, 28), ("preactresnet18", 4, 3, 16),
-                                               ("resnet18", 4, 3, 16), ("vgg19_bn", 4, 3, 16)])
+@pytest.mark.parametrize("name,width,c,size", [("cnn", 4, 1, 28), ("preactresnet18", 2, 3, 8),
+                                               ("resnet18", 2, 3, 8), ("vgg19_bn", 2, 3, 8)])
 def test_rank_and_prune_run_on_every_model(name, width, c, size):
     m = small(name, width, c)
     x, y = torch.rand(4, c, size, size), torch.randint(0, 10, (4,))
     ranked = fmp.rank_feature_maps(m, x, y, fmp.random_start(x, 0.02, torch.Generator()), 0.06, "batched", 32)
     selection = [(n, ch) for n, _, s in ranked for ch in fmp.select_maps(s, fmp.maps_to_prune(len(s), 1 / 8, 1))]
-    fmp.prune(m, selection, fmp.bn_after_conv(m, x[:1]))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    bn_map = fmp.bn_after_conv(m, x[:1])
+    zeroed = fmp.prune(m, selection, bn_map)
     mods = dict(m.named_modules())
     assert all(torch.all(mods[n].weight[ch] == 0) for n, ch in selection)
+    # exactly the selected slices of the scored modules (by name, whatever the registration order) and the gammas
+    # of the BNs fed by them changed; every other entry of the state dict is bit-identical
+    expect = {(f"{n}.weight", ch) for n, ch in selection} | {(f"{b}.weight", ch) for b, ch in zeroed}
+    assert {(b, ch) for b, ch in zeroed} == {(b, ch) for n, ch in selection for b in bn_map.get(n, [])}
+    for k, v in m.state_dict().items():
+        rows = {ch for key, ch in expect if key == k}
+        keep = [i for i in range(v.shape[0]) if i not in rows] if v.dim() else []
+        assert torch.equal(v[keep], before[k][keep]) if v.dim() else torch.equal(v, before[k]), k
     assert torch.isfinite(m(x)).all()
 
 
 # --- the script -------------------------------------------------------------------------------------------
 
 def fast(*extra):
-    return ["--epochs", "1", "--eval_batch_size", "512", "--ratio", "0.1", *extra]
+    """Short runs with the spec's pruning rule (1/64 per layer) unless extra says otherwise."""
+    return ["--epochs", "1", "--eval_batch_size", "512", "--ratio", "0.1", "--prune_ratio", "0.015625",
+            "--min_prune_per_layer", "0", "--rank_batch_size", "8", *extra]
 
 
 def test_tiny_run_writes_the_record_and_refuses_to_overwrite(tiny_record):
@@ -279,6 +306,8 @@ def test_tiny_run_writes_the_record_and_refuses_to_overwrite(tiny_record):
     plan = json.loads((out / "pruned.json").read_text())
     assert plan["pruned_per_layer"] == {"layers.0.0": 1, "layers.2.0": 1, "layers.4.0": 1, "layers.5.0": 1}
     assert len(plan["rank_batch_indices"]) == 16 and plan["layers_not_pruned"] == []
+    subset = {int(v) for v in (out / "index.txt").read_text().split()}
+    assert set(plan["rank_batch_indices"]) <= subset
     for k in ("test_acc", "test_asr", "test_ra", "attack_test_acc", "attack_test_asr", "der", "rir",
               "ranking_seconds", "finetune_seconds", "pruned_test_asr"):
         assert k in s
@@ -331,8 +360,8 @@ def test_resume_equals_an_uninterrupted_run(tiny_record, monkeypatch):
 
 
 def test_short_real_run_lowers_asr(real_badnet_record):
-    s = fmp.main(["--result_file", str(real_badnet_record), "--epochs", "3", "--min_prune_per_layer", "1",
-                  "--eval_batch_size", "1000"])
+    """The fashion_mnist defaults, fewer epochs, on a real BadNets record (600 clean images for the defender)."""
+    s = fmp.main(["--result_file", str(real_badnet_record), "--epochs", "6", "--batch_size", "64", "--eval_batch_size", "1000"])
     assert s["attack_test_asr"] > 0.9
-    assert s["test_asr"] < s["attack_test_asr"] - 0.3, s
-    assert s["test_acc"] > s["attack_test_acc"] - 0.1, s
+    assert s["test_asr"] < 0.5 and s["der"] > 0.65, s
+    assert s["test_acc"] > s["attack_test_acc"] - 0.15, s

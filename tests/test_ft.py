@@ -273,7 +273,7 @@ def test_clean_subset_uses_the_reserve(tmp_path, fake_root):
 
 
 def test_a_short_real_fst_run_lowers_asr(real_badnet_record):
-    s = run_ft(real_badnet_record, None, "--epochs", "3", "--batch_size", "64", entry=fst_entry.main)
+    s = run_ft(real_badnet_record, None, "--epochs", "6", "--batch_size", "64", entry=fst_entry.main)
     assert s["attack_test_asr"] > 0.9
     assert s["test_asr"] < 0.2
     assert s["test_acc"] > s["attack_test_acc"] - 0.15

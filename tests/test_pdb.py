@@ -34,12 +34,15 @@ def test_stamp_writes_the_square_and_nothing_else():
     torch.manual_seed(1)
     x = torch.rand(4, 3, 32, 32)
     d = DefendedModel(cnn(10, 3), (3, 32, 32))
+    x_before = x.clone()
     s = d.stamp(x)
     assert (s[:, :, :7, :7] == 2.0).all()
     outside = torch.ones(32, 32, dtype=torch.bool)
     outside[:7, :7] = False
     assert torch.equal(s[:, :, outside], x[:, :, outside])   # bit-identical
-    assert torch.equal(x, x.clone())                          # the input is not modified in place
+    assert torch.equal(x, x_before)                           # the input is not modified in place
+    with pytest.raises(UserError, match="float pixel-space"):
+        d.stamp((x * 255).to(torch.uint8))                    # 2.0 does not fit a uint8 image
 
 
 def test_frame_and_dotted_masks():
@@ -59,6 +62,30 @@ def test_value_2_reaches_the_normalisation_layer():
     d(torch.rand(2, 1, 28, 28))
     assert (seen["x"][:, :, :7, :7] == 2.0).all()
     assert seen["x"].max().item() == 2.0
+
+
+def test_value_2_reaches_the_network_in_training_and_evaluation_with_amp_and_channels_last():
+    """The real paths: a PDB training epoch (defensive samples stamped, augmented, batched) and the evaluator, in the
+    default precision (bf16 autocast where the CPU has it, channels_last)."""
+    prec = Precision(torch.device("cpu"), amp=True, channels_last=True)
+    d = DefendedModel(prec.prepare_model(cnn()), (1, 28, 28))
+    maxima = []
+    d.inner.normalize.register_forward_pre_hook(lambda m, args: maxima.append(args[0].max().item()))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    x_def = d.stamp(x[:8].float() / 255)
+    stream = pdb.Stream(SimpleNamespace(x_train=x, y_train=y), x_def, (y[:8] + 1) % 10, "cpu")
+    cfg = {o.name: o.default for o in pdb.OPTIONS}
+    cfg.update(batch_size=32, scale_prob=0.0, rotate_prob=0.0)   # unscaled, unrotated: the stamp keeps 2.0 exactly
+    opt = torch.optim.SGD(d.inner.parameters(), lr=0.01)
+    pdb.train_epoch(d.inner, stream, opt, None, prec, torch.Generator().manual_seed(1),
+                    torch.Generator().manual_seed(2), cfg)
+    assert maxima and max(maxima) == 2.0
+    maxima.clear()
+    sets = SimpleNamespace(x_test=x, y_test=y, x_bd=x, y_bd=y, y_bd_true=y)
+    evaluate_backdoor(d, sets, prec, 32)
+    assert maxima and all(m == 2.0 for m in maxima)
 
 
 # --- the mapping -----------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ def test_record_files_and_round_trip(tiny_record, fake_root):
 
 
 def test_record_has_no_per_image_files_and_is_small(tiny_record):
-    files = [f for f in tiny_record.rglob("*") if f.is_file()]
+    # the attack's own files (other tests write defense records under defense/)
+    files = [f for f in tiny_record.rglob("*") if f.is_file() and "defense" not in f.relative_to(tiny_record).parts]
     assert len(files) <= 12
     weights = (tiny_record / "model.pt").stat().st_size
     assert sum(f.stat().st_size for f in files) <= weights + 1_000_000
@@ -132,6 +133,52 @@ def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, fake_ro
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
     pd.testing.assert_frame_equal(ma, pd.read_csv(c / "metrics.csv").drop(columns=drop))
     assert "resuming from the checkpoint of epoch 2" in (c / "log.txt").read_text()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_or_restarts(tmp_path, fake_root, monkeypatch):
+    extra = ["--epochs", "2", "--cos_t_max", "2"]
+    # stopped inside the first epoch: the new folder is removed, the same command simply runs again
+    d = tmp_path / "d"
+    original = Run.save_checkpoint
+
+    def die(self, epoch, state):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Run, "save_checkpoint", die)
+    with pytest.raises(KeyboardInterrupt):
+        make_record(d, fake_root, extra=extra)
+    assert not d.exists()
+    # killed outright (no clean-up): a folder of ours without a checkpoint; --resume starts it again
+    monkeypatch.setattr(Run, "save_checkpoint", original)
+    d.mkdir()
+    (d / "config.yaml").write_text("method: badnet\n")
+    (d / "poison.json").write_text("{}")
+    with pytest.raises(UserError, match="before its first checkpoint.*--resume or --overwrite"):
+        make_record(d, fake_root, extra=extra)
+    s = make_record(d, fake_root, extra=extra + ["--resume"])
+    assert (d / "summary.json").exists() and 0 <= s["test_acc"] <= 1
+    # a resumed run's wall time counts the sessions before the interruption
+    e = tmp_path / "e"
+
+    def save_then_die(self, epoch, state):
+        original(self, epoch, state)
+        if epoch == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        make_record(e, fake_root, extra=extra)
+    first = torch.load(e / "checkpoint.pt", weights_only=True)["elapsed"]
+    monkeypatch.setattr(Run, "save_checkpoint", original)
+    s = make_record(e, fake_root, extra=extra + ["--resume"])
+    assert s["seconds"] > first > 0
+
+
+def test_a_folder_that_is_not_a_record_is_not_replaced(tmp_path, fake_root):
+    f = tmp_path / "mine"
+    f.mkdir()
+    (f / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a record.*--overwrite"):
+        make_record(f, fake_root)
+    assert (f / "notes.txt").read_text() == "keep me"
 
 
 def test_blend_all2all_with_reserve_round_trip(tmp_path, fake_root):

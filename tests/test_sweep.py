@@ -106,14 +106,36 @@ def test_grid_expands_to_named_jobs_with_their_arguments_and_resources(tmp_path)
     assert "config/defense/ft/backdoorbench_fashion_mnist.yaml" in ds["ft-bb"].args
 
 
-def test_interrupted_records_are_resumed_and_unstarted_ones_restarted(tmp_path):
+def test_jobs_resume_and_a_complete_record_is_not_run_again(tmp_path):
+    from sweep.run import run_job
     job = expand({"grid": {"attack": "badnet"}, "defenses": "none"}, tmp_path)[0]
-    assert job.command()[-1] == "--resume"                    # no folder: --resume starts a new run
+    assert job.command()[-1] == "--resume"    # new, interrupted or never checkpointed: the scripts know (test_records)
     job.out.mkdir()
-    (job.out / "poison.json").write_text("{}")               # killed before its first checkpoint
-    assert job.command()[-1] == "--overwrite"
-    (job.out / "checkpoint.pt").write_text("")               # interrupted after an epoch: continue it
-    assert job.command()[-1] == "--resume"
+    (job.out / "summary.json").write_text("{}")
+    r = run_job(["false"], str(REPO), str(tmp_path / "log.txt"), 1, str(job.out))   # a retry after it finished
+    assert r["rc"] == 0 and r.get("already_complete") and not (tmp_path / "log.txt").exists()
+
+
+def test_every_shipped_job_parses_with_its_scripts_own_options(tmp_path):
+    """The sweep's command lines against the real scripts' option lists (a renamed option fails here)."""
+    import importlib
+
+    from utils.attack import ATTACK_OPTIONS
+    from utils.config import build_parser
+    from utils.defense import DEFENSE_OPTIONS
+    counts = {}
+    for name in ("demo", "paper_cifar10"):
+        jobs = expand(load_sweep(REPO / "config" / "sweep" / f"{name}.yaml"), tmp_path, warn=lambda m: None)
+        every = [j for a in jobs for j in [a, *a.children]]
+        counts[name] = (len(jobs), len(every) - len(jobs))
+        for j in every:
+            mod = importlib.import_module(j.script[:-3].replace("/", "."))
+            opts = (ATTACK_OPTIONS if j.kind == "attack" else DEFENSE_OPTIONS) + getattr(mod, "OPTIONS", [])
+            if j.script == "defense/fst.py":
+                opts = DEFENSE_OPTIONS + mod.ft.OPTIONS
+            build_parser(j.script, opts).parse_args(j.command()[2:])   # SystemExit on an unknown option
+    assert counts["demo"] == (2, 2 * 9)          # badnet, blend x (ft, lp, fe-tuning, ft-init, fst, ft-bb, pdb, sau, fmp)
+    assert counts["paper_cifar10"][1] == 9 * counts["paper_cifar10"][0]
 
 
 def test_missing_defense_scripts_are_skipped_with_a_warning(tmp_path):
@@ -246,6 +268,19 @@ def test_mean_and_std_over_seeds_and_the_plots(tmp_path):
     assert (out / "acc_vs_asr.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(UserError, match="no complete record"):
         summarize(tmp_path / "junk")
+
+
+def test_records_that_differ_in_other_settings_are_not_averaged_as_seeds(tmp_path):
+    for name, epochs, acc in (("a", 8, 0.9), ("b", 20, 0.7)):
+        fake_record(tmp_path / name, {"attack": "badnet", "dataset": "fashion_mnist", "model": "cnn", "pratio": 0.1,
+                                      "test_acc": acc, "test_asr": 1.0, "test_ra": 0.0, "seconds": 1.0},
+                    {"random_seed": 0, "epochs": epochs, "save_folder_name": name})
+    df = collect(tmp_path)
+    assert sorted(df["variant"]) == ["epochs=20", "epochs=8"]
+    ms = mean_std(df)
+    assert len(ms) == 2 and sorted(ms["test_acc_mean"]) == pytest.approx([0.7, 0.9]) and set(ms["n_runs"]) == {1}
+    summarize(tmp_path, tmp_path / "out", plots=False)
+    assert "| variant |" in (tmp_path / "out" / "summary_mean_std.md").read_text()
 
 
 def test_summarize_command_line(tmp_path):

@@ -120,11 +120,24 @@ def split_train_metrics(ctx, order, preds):
     return {"train_acc_clean_only": f(clean, y), "train_asr_bd_only": f(bd, y), "train_ra_bd_only": f(bd, yt)}
 
 
+def augmentation_deviations(cfg) -> list:
+    """Training augmentation that departs from conventions §4 (crop padding 4 everywhere, flip on cifar10 only)."""
+    out = []
+    if cfg["crop_padding"] != 4:
+        out.append(f"crop_padding = {cfg['crop_padding']} (conventions §4: 4)")
+    rule = DATASETS[cfg["dataset"]].hflip
+    if cfg["hflip"] is not None and cfg["hflip"] != rule:
+        out.append(f"hflip = {cfg['hflip']} (conventions §4: {rule} for {cfg['dataset']})")
+    return out
+
+
 def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, setup_epoch=None, extra_config=None):
     """Poison, train, evaluate every epoch, and write the record. setup_epoch(ctx) -> epoch function, for attacks
     whose training differs from the standard loop (Bypass); it may add to ctx.state and ctx.payload."""
     path = record_path(cfg["save_folder_name"])
-    run = Run(path, attack, cfg, overwrite=args.overwrite, resume=args.resume, extra=extra_config)
+    extra = dict(extra_config or {})
+    run = Run(path, attack, cfg, overwrite=args.overwrite, resume=args.resume, extra=extra,
+              deviations=augmentation_deviations(cfg) + extra.pop("deviations", []))
     try:
         print(f"{attack}: resolved configuration\n{format_config(cfg)}")
         fix_random(cfg["random_seed"])
@@ -161,7 +174,7 @@ def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, setup_
             augment=lambda x: random_crop_flip(x, aug_gen, cfg["crop_padding"], hflip),
             eval_sets=EvalSets(data, device))
         epoch_fn = setup_epoch(ctx) if setup_epoch else standard_epoch
-        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
+        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "precision": precision,
                  "shuffle_gen": GeneratorState(ctx.shuffle_gen), "aug_gen": GeneratorState(aug_gen), **ctx.state}
         evaluate = lambda: {**evaluate_backdoor(model, ctx.eval_sets, precision, cfg["eval_batch_size"]),
                             **(ctx.payload.get("_evaluate", lambda: {})())}

@@ -42,8 +42,12 @@ def in_range(lo=None, hi=None, lo_open=False, hi_open=False):
     return check
 
 
+NONE_WORDS = ("none", "null")
+
+
 def _coerce(opt: Opt, value, where: str):
-    if value is None:
+    # an option whose default is None ("not set") takes none / null from the command line as well as from YAML
+    if value is None or (opt.default is None and isinstance(value, str) and value.lower() in NONE_WORDS):
         return None
     t = opt.type
     try:
@@ -102,7 +106,8 @@ RUN_FLAGS = ("yaml_path", "overwrite", "resume")
 
 
 def build_parser(prog: str, opts: list, description: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
+    # allow_abbrev off: `--trig blend` must not silently mean --trigger
+    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--yaml_path", default=None, help="a YAML file of settings, above the defaults, below the command line")
     p.add_argument("--overwrite", action="store_true", help="replace an existing record of the same name")

@@ -78,6 +78,8 @@ class DefendedModel(nn.Module):
     # --- the wrapper's three pieces -------------------------------------------------------------------
     def stamp(self, x):
         """x with v written at the mask's pixels; every other pixel bit-identical (masked_fill keeps x's layout)."""
+        if not x.is_floating_point():   # a uint8 image cannot hold 2.0 in pixel units (it would become 2/255)
+            raise UserError(f"the defended model takes float pixel-space inputs in [0, 1], got {x.dtype}; divide by 255")
         if tuple(x.shape[1:]) != self.input_shape:
             raise UserError(f"the defended model takes inputs of shape {self.input_shape}, got {tuple(x.shape[1:])}")
         return x.masked_fill(self.mask, self.pix_value)

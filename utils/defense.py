@@ -1,6 +1,7 @@
 """What every defense shares: common options, config layering (command line > --yaml_path >
 config/defense/<defense>/<dataset>.yaml), loading the attack record, the defender's clean subset, the
 re-evaluation of the attacked model, and the defense record with DER and RIR (conventions §8-§10)."""
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,21 @@ DEFENSE_OPTIONS = [
 ]
 
 
-def defense_config(defense: str, method_opts: list, argv=None, description="", config_dir=None):
-    """Resolve a defense's settings. The dataset comes from the attack record, which is checked first."""
+RUN_KEYS = {o.name for o in DEFENSE_OPTIONS}
+
+
+def spec_deviations(method_opts: list, cfg: dict, spec: dict = None) -> list:
+    """The method's settings that differ from its specification: the options' defaults (the spec's), updated by
+    `spec` (per-dataset values of the spec). They are listed under 'deviations' in config.yaml."""
+    ref = {o.name: o.default for o in method_opts if o.name not in RUN_KEYS}
+    ref.update(spec or {})
+    return [f"{k} = {cfg[k]!r} (spec: {v!r})" for k, v in ref.items() if k in cfg and cfg[k] != v]
+
+
+def defense_config(defense: str, method_opts: list, argv=None, description="", config_dir=None, spec_for=None):
+    """Resolve a defense's settings. The dataset comes from the attack record, which is checked first.
+    spec_for(cfg, dataset) -> the spec's per-dataset values; every setting that departs from the spec is put in
+    args.deviations (written into config.yaml by open_defense)."""
     opts = DEFENSE_OPTIONS + method_opts
     args = build_parser(f"defense/{defense}.py", opts, description).parse_args(argv)
     cli = cli_values(args)
@@ -49,6 +63,8 @@ def defense_config(defense: str, method_opts: list, argv=None, description="", c
         layers.append((args.yaml_path, user))
     layers.append(("command line", cli))
     cfg = resolve(opts, layers)
+    args.dataset = dataset
+    args.deviations = spec_deviations(method_opts, cfg, spec_for(cfg, dataset) if spec_for else None)
     return cfg, args
 
 
@@ -73,18 +89,11 @@ class DefenseContext:
         """The defender's clean data (conventions §8): (x uint8, y) on the device; index.txt saved."""
         idx, source = defender_clean_subset(self.data, ratio, balanced, self.cfg["random_seed"], index_file)
         self.run.write_file("index.txt", "".join(f"{i}\n" for i in idx.tolist()))
-        self.run.meta["clean_subset"] = {"source": source, "size": len(idx), "ratio": ratio, "balanced": balanced,
-                                         "seed": self.cfg["random_seed"]}
+        self.run.update_meta(clean_subset={"source": source, "size": len(idx), "ratio": ratio, "balanced": balanced,
+                                           "seed": self.cfg["random_seed"]})
         counts = torch.bincount(self.data.y_train_true[idx], minlength=self.data.num_classes).tolist()
         print(f"clean subset: {len(idx)} samples from the {source} pool, per class {counts}")
         return self.data.x_train_clean[idx].to(self.device), self.data.y_train_true[idx].to(self.device), idx
-
-    def fresh_model(self):
-        """The attack's architecture, randomly initialised (for training-time defenses such as PDB)."""
-        from models import build_model
-        info = self.record.model_info
-        return self.precision.prepare_model(build_model(info["model_name"], info["num_classes"], info["input_shape"][0],
-                                                        info["mean"], info["std"], info["width"]))
 
     def attacked_model(self):
         """A fresh copy of the attacked model on the device."""
@@ -96,14 +105,23 @@ class DefenseContext:
         return model_payload(model, info["model_name"], info["input_shape"], info["width"], info["dataset"])
 
 
-def open_defense(defense: str, cfg: dict, args, out_name=None, deviations=None) -> DefenseContext:
-    """Load the attack record, open record/<attack>/defense/<out_name>/ and re-evaluate the attacked model."""
+def check_out_name(name: str):
+    """A defense writes only into its own folder under <record>/defense/: a plain folder name, never a path."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", name):
+        raise UserError(f"output folder name '{name}' is not allowed: use letters, digits, '_', '-', '.', '+' "
+                        "(no path separators, no leading '.')")
+
+
+def open_defense(defense: str, cfg: dict, args, out_name=None, deviations=()) -> DefenseContext:
+    """Load the attack record, open record/<attack>/defense/<out_name>/ and re-evaluate the attacked model.
+    deviations: what the method itself adds to args.deviations (from defense_config)."""
+    check_out_name(out_name or defense)
     fix_random(cfg["random_seed"])
     device = pick_device(cfg["device"])
     precision = Precision(device, cfg["amp"], cfg["channels_last"])
     record = load_attack_record(cfg["result_file"], cfg["dataset_path"], device="cpu")
     run = Run(record.path / "defense" / (out_name or defense), defense, cfg, overwrite=args.overwrite,
-              resume=args.resume, deviations=deviations,
+              resume=args.resume, deviations=[*getattr(args, "deviations", []), *deviations],
               extra={"attack_record": str(record.path), "attack": record.poison["attack"]})
     print(f"{defense}: resolved configuration\n{format_config(cfg)}")
     print(f"attack record {record.path}: {record.poison['attack']} on {record.config['dataset']} / "

@@ -17,8 +17,12 @@ def tensor_sha256(x: torch.Tensor) -> str:
     return hashlib.sha256(x.contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
+RESERVE_HINT = "lower the ratio, or make the attack with a larger --reserve_ratio"
+
+
 def class_balanced_draw(pool: torch.Tensor, labels: torch.Tensor, per_class: int, num_classes: int,
-                        gen: torch.Generator, rule: str = "random", what: str = "clean subset") -> torch.Tensor:
+                        gen: torch.Generator, rule: str = "random", what: str = "clean subset",
+                        hint: str = RESERVE_HINT) -> torch.Tensor:
     """per_class indices of every class from `pool` (training indices), without replacement, sorted.
 
     rule 'random': uniform within each class; 'first': the first per_class of each class in dataset order.
@@ -29,7 +33,7 @@ def class_balanced_draw(pool: torch.Tensor, labels: torch.Tensor, per_class: int
         members = pool[labels[pool] == c]
         if len(members) < per_class:
             raise UserError(f"{what}: class {c} has {len(members)} samples available but {per_class} are requested; "
-                            "lower the ratio, or make the attack with a larger --reserve_ratio")
+                            f"{hint}")
         if rule == "first":
             chosen.append(members[:per_class])
         else:
@@ -40,8 +44,7 @@ def class_balanced_draw(pool: torch.Tensor, labels: torch.Tensor, per_class: int
 def uniform_draw(pool: torch.Tensor, n: int, gen: torch.Generator, what: str = "clean subset") -> torch.Tensor:
     pool = torch.as_tensor(pool, dtype=torch.int64).sort().values
     if len(pool) < n:
-        raise UserError(f"{what}: {n} samples requested but only {len(pool)} are available; lower the ratio, "
-                        "or make the attack with a larger --reserve_ratio")
+        raise UserError(f"{what}: {n} samples requested but only {len(pool)} are available; {RESERVE_HINT}")
     return pool[torch.randperm(len(pool), generator=gen)[:n]].sort().values
 
 
@@ -145,6 +148,9 @@ def defender_clean_subset(data: PoisonedData, ratio: float, balanced: bool, seed
             raise UserError(f"index file {index_file}: {e}; it must list one training index per line") from None
         if len(idx) == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
             raise UserError(f"index file {index_file} must list indices in 0..{n - 1}")
+        if len(idx.unique()) != len(idx):
+            raise UserError(f"index file {index_file} lists {len(idx) - len(idx.unique())} indices more than once; "
+                            "list each training index once")
         poisoned = idx[data.poison_indicator[idx] == 1]
         if len(poisoned):
             print(f"warning: {len(poisoned)} indices of {index_file} were poisoned in the attacker's training set "
@@ -155,8 +161,12 @@ def defender_clean_subset(data: PoisonedData, ratio: float, balanced: bool, seed
     else:
         pool, source = data.train_indices[data.poison_indicator[data.train_indices] == 0], "unpoisoned"
     g = generator(seed, "clean_subset")
+    size = math.floor(n * ratio / k) if balanced else math.floor(n * ratio)
+    if size == 0:
+        raise UserError(f"a clean-data ratio of {ratio} of {n} training samples gives no sample"
+                        f"{' per class' if balanced else ''}; raise it to at least {(k if balanced else 1) / n:.2g}")
     if balanced:
-        idx = class_balanced_draw(pool, data.y_train_true, math.floor(n * ratio / k), k, g)
+        idx = class_balanced_draw(pool, data.y_train_true, size, k, g)
     else:
-        idx = uniform_draw(pool, math.floor(n * ratio), g)
+        idx = uniform_draw(pool, size, g)
     return idx, source

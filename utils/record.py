@@ -63,7 +63,9 @@ class Run:
         self.cfg = cfg
         self.rows = []
         self.start = time.time()
+        self.earlier_seconds = 0.0   # wall time of the sessions before a --resume
         self._open(overwrite, resume)
+        self.fresh = not (self.path / "checkpoint.pt").exists()   # not a resumed run
         self.path.mkdir(parents=True, exist_ok=True)
         self.tee = Tee(self.path / "log.txt")
         self.meta = {"method": method, "format_version": FORMAT_VERSION, "config": cfg,
@@ -73,6 +75,8 @@ class Run:
         atomic_write_yaml(self.path / "config.yaml", self.meta)
 
     def _open(self, overwrite, resume):
+        """The overwrite / resume rules. A folder of ours (config.yaml) without a checkpoint is a run that died before
+        its first epoch ended: --resume starts it again (there is nothing to continue), --overwrite too."""
         p = self.path
         if not p.exists():
             if resume:
@@ -93,13 +97,16 @@ class Run:
                                 "or --overwrite to start again")
             self._remove(p)
             return
-        # a folder without checkpoint or summary: a run that died before its first epoch ended, or a stranger
-        leftovers = [f.name for f in p.iterdir() if f.name not in ("config.yaml", "log.txt", "defense")]
-        if leftovers and not overwrite:
-            raise UserError(f"{p} exists and holds files that are not a record ({', '.join(sorted(leftovers)[:5])}); "
+        ours = (p / "config.yaml").exists()
+        if not ours and any(p.iterdir()) and not overwrite:
+            names = sorted(f.name for f in p.iterdir())[:5]
+            raise UserError(f"{p} exists and holds files that are not a record ({', '.join(names)}); "
                             "pass --overwrite to replace it, or choose another name")
-        if not resume and not overwrite and (p / "config.yaml").exists():
-            raise UserError(f"a run that stopped before its first checkpoint left {p}; pass --overwrite to start again")
+        if ours and not (resume or overwrite):
+            raise UserError(f"a run that stopped before its first checkpoint left {p}; pass --resume or --overwrite "
+                            "to start it again")
+        if ours and resume:
+            print(f"--resume: the run at {p} stopped before its first checkpoint; starting it again")
         self._remove(p)
 
     def _remove(self, p):
@@ -142,7 +149,7 @@ class Run:
         atomic_write_text(self.path / "metrics.csv", buf.getvalue())
 
     def save_checkpoint(self, epoch, state: dict):
-        atomic_torch_save({"epoch": epoch, "rows": self.rows,
+        atomic_torch_save({"epoch": epoch, "rows": self.rows, "elapsed": self.elapsed(),
                            "state": {k: v.state_dict() for k, v in state.items() if v is not None}},
                           self.path / "checkpoint.pt")
 
@@ -158,8 +165,18 @@ class Run:
         except Exception as e:
             raise UserError(f"the checkpoint {ck} cannot be read ({e}); pass --overwrite to start again") from None
         self.rows = d["rows"]
+        self.earlier_seconds = float(d.get("elapsed", 0.0))
         print(f"resuming from the checkpoint of epoch {d['epoch']}")
         return int(d["epoch"])
+
+    def elapsed(self) -> float:
+        """Wall time of this run, the sessions before a --resume included."""
+        return self.earlier_seconds + time.time() - self.start
+
+    def update_meta(self, **entries):
+        """Add entries to config.yaml now (not only at the end), so that an interrupted record says them too."""
+        self.meta.update(entries)
+        atomic_write_yaml(self.path / "config.yaml", self.meta)
 
     # --- the end ---------------------------------------------------------------------------------------
     def save_model(self, payload: dict, name="model.pt"):
@@ -172,7 +189,7 @@ class Run:
         """Write summary.json last: from here on the record is complete."""
         self.meta["end_time"] = time.strftime("%Y-%m-%d %H:%M:%S")
         atomic_write_yaml(self.path / "config.yaml", self.meta)
-        summary = {**summary, "seconds": round(time.time() - self.start, 2), "format_version": FORMAT_VERSION}
+        summary = {**summary, "seconds": round(self.elapsed(), 2), "format_version": FORMAT_VERSION}
         atomic_write_json(self.path / "summary.json", summary)
         if (self.path / "checkpoint.pt").exists():
             os.unlink(self.path / "checkpoint.pt")
@@ -180,7 +197,11 @@ class Run:
         return summary
 
     def close(self):
+        """End the run. A new run that stops (bad input found late, Ctrl-C, an error) before its first checkpoint
+        leaves nothing to resume: its folder is removed, so the same command can simply be run again."""
         self.tee.close()
+        if self.fresh and self.path.exists() and not is_complete(self.path) and not (self.path / "checkpoint.pt").exists():
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 # --- model files --------------------------------------------------------------------------------------

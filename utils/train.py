@@ -64,6 +64,14 @@ class Precision:
     def prepare_input(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
+    # checkpoints hold the fp16 gradient scaler's state, so that --resume equals an uninterrupted run there too
+    def state_dict(self):
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, d):
+        if self.scaler is not None and d.get("scaler"):
+            self.scaler.load_state_dict(d["scaler"])
+
     def step(self, loss, optimizer):
         """backward + optimiser step (with the fp16 scaler where there is one)."""
         if self.scaler is not None:
@@ -73,6 +81,17 @@ class Precision:
         else:
             loss.backward()
             optimizer.step()
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode inside, its previous mode restored afterwards (also on an error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 # --- augmentation on batches -----------------------------------------------------------------------
@@ -174,20 +193,18 @@ def train_epoch_supervised(model, x, y, optimizer, precision: Precision, gen: to
 @torch.no_grad()
 def predict(model, x_uint8, precision: Precision, batch_size=1024, labels=None, transform=None):
     """argmax predictions (and mean CE against labels, if given) in eval mode. x may be uint8 or float."""
-    was_training = model.training
-    model.eval()
     preds, loss_sum = [], 0.0
-    for i in range(0, len(x_uint8), batch_size):
-        xb = x_uint8[i:i + batch_size]
-        xb = to_unit(xb) if xb.dtype == torch.uint8 else xb
-        if transform is not None:
-            xb = transform(xb)
-        with precision.autocast():
-            logits = model(precision.prepare_input(xb)).float()
-        if labels is not None:
-            loss_sum += F.cross_entropy(logits, labels[i:i + batch_size], reduction="sum").item()
-        preds.append(logits.argmax(1))
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(x_uint8), batch_size):
+            xb = x_uint8[i:i + batch_size]
+            xb = to_unit(xb) if xb.dtype == torch.uint8 else xb
+            if transform is not None:
+                xb = transform(xb)
+            with precision.autocast():
+                logits = model(precision.prepare_input(xb)).float()
+            if labels is not None:
+                loss_sum += F.cross_entropy(logits, labels[i:i + batch_size], reduction="sum").item()
+            preds.append(logits.argmax(1))
     pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
     return pred, (loss_sum / max(len(x_uint8), 1) if labels is not None else None)
 

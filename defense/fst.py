@@ -1,0 +1,24 @@
+"""Feature Shift Tuning (Min, Qin, Shen, Cheng, NeurIPS 2023, arXiv 2310.01875): re-initialise the linear head,
+tune the whole network on a little clean data, and push the new head away from the backdoored one with the
+penalty alpha * <w, w_ori> while its norm stays at ||w_ori||_F. The algorithm lives in defense/ft.py (all five
+tuning modes share one loop); this entry point is that code with ft_mode fixed to fst.
+
+    python defense/fst.py --result_file badnet_demo
+
+Settings: config/defense/ft/<dataset>.yaml; output: record/<attack record>/defense/fst/.
+"""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from defense import ft  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+
+
+def main(argv=None):
+    return ft.main(argv, fixed_mode="fst", description=__doc__)
+
+
+if __name__ == "__main__":
+    run_main(main)
