@@ -6,7 +6,7 @@ from models.resnet import ResNet18
 from models.vgg import VGG19BN
 
 MODELS = {
-    "cnn": (CompactCNN, 16),             # (class, default width)
+    "cnn": (CompactCNN, 8),              # (class, default width)
     "preactresnet18": (PreActResNet18, 64),
     "resnet18": (ResNet18, 64),
     "vgg19_bn": (VGG19BN, 64),

@@ -48,7 +48,7 @@ def test_discriminator_input_is_the_models_feature_dim(name):
 
 def test_feature_dim_of_config_matches_a_built_model():
     cfg = {"dataset": "fashion_mnist", "model": "cnn", "model_width": 8}
-    assert bypass.feature_dim_of(cfg) == build_model("cnn", 10, 1, (0.5,), (0.5,), 8).feature_dim == 32
+    assert bypass.feature_dim_of(cfg) == build_model("cnn", 10, 1, (0.5,), (0.5,), 8).feature_dim == 128
     assert bypass.feature_dim_of({**cfg, "dataset": "cifar10", "model": "preactresnet18", "model_width": None}) == 512
 
 
@@ -196,13 +196,13 @@ def test_record_round_trip_and_a_defense_can_load_it(tmp_path, fake_root, monkey
     assert (ctx.indicator[idx] == 1).all() and (ctx.y_true[idx] == 0).any()
     meta = yaml.safe_load((path / "config.yaml").read_text())
     assert meta["config"]["regularization_ratio"] == 3.0 and meta["config"]["disc_hidden"] == [32, 16]
-    assert meta["discriminator"]["input_dim"] == 64 and meta["discriminator"]["hidden"] == [32, 16]
+    assert meta["discriminator"]["input_dim"] == 128 and meta["discriminator"]["hidden"] == [32, 16]
     rows = (path / "metrics.csv").read_text().splitlines()
     for col in ("disc_loss", "adv_term", "disc_train_acc", "disc_train_auc", "disc_auc", "disc_bal_acc", "test_asr"):
         assert col in rows[0].split(",")
     # the record loads like any other and D's saved weights are the trained ones
     rec = load_attack_record(path)
-    assert rec.model.feature_dim == 64 and s["test_acc"] == pytest.approx(rec.summary["test_acc"])
+    assert rec.model.feature_dim == 128 and s["test_acc"] == pytest.approx(rec.summary["test_acc"])
     d = bypass.load_discriminator(path / "model.pt")
     assert all(torch.equal(a, b.cpu()) for a, b in zip(d.state_dict().values(),
                                                        seen["ctx"].state["discriminator"].state_dict().values()))

@@ -302,7 +302,7 @@ def test_tiny_run_writes_the_record_and_refuses_to_overwrite(tiny_record):
         assert (out / f).exists(), f
     assert not (out / "checkpoint.pt").exists()
     rows = list(csv.DictReader(open(out / "ranking.csv")))
-    assert len(rows) == 176 and sum(int(r["pruned"]) for r in rows) == 4
+    assert len(rows) == 8 + 16 + 32 + 32 and sum(int(r["pruned"]) for r in rows) == 4
     plan = json.loads((out / "pruned.json").read_text())
     assert plan["pruned_per_layer"] == {"layers.0.0": 1, "layers.2.0": 1, "layers.4.0": 1, "layers.5.0": 1}
     assert len(plan["rank_batch_indices"]) == 16 and plan["layers_not_pruned"] == []
@@ -324,7 +324,12 @@ def test_tiny_run_writes_the_record_and_refuses_to_overwrite(tiny_record):
 
 
 def test_original_rule_reports_layers_without_pruning_and_soft_prune_may_regrow(tiny_record, capsys):
-    s = fmp.main(["--result_file", str(tiny_record), "--overwrite", *fast("--bn_gamma", "off")])
+    # the 1/64 rule on the width-8 CNN (8, 16, 32, 32 channels): no layer reaches 64, nothing is pruned, all reported
+    s = fmp.main(["--result_file", str(tiny_record), "--overwrite", *fast()])
+    assert s["layers_not_pruned"] == ["layers.0.0", "layers.2.0", "layers.4.0", "layers.5.0"] and s["n_pruned"] == 0
+    assert "nothing is pruned there: layers.0.0, layers.2.0, layers.4.0, layers.5.0" in capsys.readouterr().out
+    # 1/32: one map in each 32-channel layer; without hard_prune and without the BN gammas, the weights regrow
+    s = fmp.main(["--result_file", str(tiny_record), "--overwrite", *fast("--bn_gamma", "off", "--prune_ratio", "0.03125")])
     assert s["layers_not_pruned"] == ["layers.0.0", "layers.2.0"]
     assert s["pruned_per_layer"] == {"layers.0.0": 0, "layers.2.0": 0, "layers.4.0": 1, "layers.5.0": 1}
     assert "nothing is pruned there: layers.0.0, layers.2.0" in capsys.readouterr().out

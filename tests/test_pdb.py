@@ -276,7 +276,8 @@ def test_record_round_trip_and_refusals(tiny_record, tmp_path):
                            "train_acc_ordinary", "train_acc_defensive", "test_acc", "test_asr", "test_ra"]
     meta = yaml.safe_load((out / "config.yaml").read_text())
     assert meta["defensive_set"]["source"] == "clean_original" and meta["config"]["pix_value"] == 2.0
-    assert len((out / "index.txt").read_text().split()) == meta["defensive_set"]["size"] == 60
+    per_class = int(600 * meta["config"]["ratio"] // 10)      # 600 fake training images, 10 classes
+    assert len((out / "index.txt").read_text().split()) == meta["defensive_set"]["size"] == 10 * per_class
 
     raw = torch.load(out / "model.pt", weights_only=True)
     assert "state_dict" not in raw and "model" not in raw and "inner_state_dict" in raw and raw["defense"] == "pdb"

@@ -311,8 +311,9 @@ def test_resume_equals_an_uninterrupted_run(tiny_record, tmp_path, monkeypatch):
 # --- a short real run -----------------------------------------------------------------------------------------------
 
 def test_short_real_run_lowers_asr(real_badnet_record):
-    # 20 updates on a quarter of the 6,000-image subset; lr 1e-3 because 20 updates at 1e-4 barely move the model
-    s = sau.main(["--result_file", str(real_badnet_record), "--n_rounds", "2", "--ratio", "0.25", "--lr", "1e-3",
+    # 30 updates on a quarter of the 6,000-image subset: the fashion_mnist settings with lr 3e-3, since 30 updates at
+    # their 1e-3 leave the small subset record's ASR above 0.9 (measured: 0.965; at 3e-3: 0.54)
+    s = sau.main(["--result_file", str(real_badnet_record), "--n_rounds", "5", "--ratio", "0.25", "--lr", "3e-3",
                   "--device", "cpu", "--overwrite"])
     assert s["attack_test_asr"] > 0.9
     assert s["test_asr"] < s["attack_test_asr"] - 0.3, s

@@ -124,8 +124,9 @@ def test_every_shipped_job_parses_with_its_scripts_own_options(tmp_path):
     from utils.config import build_parser
     from utils.defense import DEFENSE_OPTIONS
     counts = {}
-    for name in ("demo", "paper_cifar10"):
-        jobs = expand(load_sweep(REPO / "config" / "sweep" / f"{name}.yaml"), tmp_path, warn=lambda m: None)
+    for f in sorted((REPO / "config" / "sweep").glob("*.yaml")):
+        name = f.stem
+        jobs = expand(load_sweep(f), tmp_path, warn=lambda m: None)
         every = [j for a in jobs for j in [a, *a.children]]
         counts[name] = (len(jobs), len(every) - len(jobs))
         for j in every:
@@ -136,6 +137,7 @@ def test_every_shipped_job_parses_with_its_scripts_own_options(tmp_path):
             build_parser(j.script, opts).parse_args(j.command()[2:])   # SystemExit on an unknown option
     assert counts["demo"] == (2, 2 * 9)          # badnet, blend x (ft, lp, fe-tuning, ft-init, fst, ft-bb, pdb, sau, fmp)
     assert counts["paper_cifar10"][1] == 9 * counts["paper_cifar10"][0]
+    assert counts["ft_family"] == (4, 4 * 5) and counts["bypass"] == (2, 2 * 9)
 
 
 def test_missing_defense_scripts_are_skipped_with_a_warning(tmp_path):
