@@ -19,10 +19,8 @@ The values are the records' summary.json figures, unchanged (conventions §9: th
 import argparse
 import json
 import math
-import os
 import pathlib
 import sys
-import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -30,6 +28,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from utils.errors import UserError, run_main  # noqa: E402
+from utils.io import atomic_write_bytes, read_json  # noqa: E402
 
 KEYS = ["attack", "defense", "dataset", "model", "pratio", "target", "variant"]  # a setting; + seed = a record
 # settings that do not change what a record is (paths, devices, seeds): records differing only in them are repeats
@@ -42,11 +41,6 @@ SUMMARY_DIR = "summary"
 
 
 # --- reading records -------------------------------------------------------------------------------------------
-
-def _json(path):
-    with open(path) as f:
-        return json.load(f)
-
 
 def _config(folder: pathlib.Path) -> dict:
     try:
@@ -101,7 +95,7 @@ def collect(root) -> pd.DataFrame:
     for path in sorted(root.rglob("summary.json")):
         folder = path.parent
         try:
-            s = _json(path)
+            s = read_json(path)
         except (OSError, ValueError) as e:
             print(f"warning: skipping {path}: unreadable ({e})", file=sys.stderr)
             continue
@@ -110,7 +104,7 @@ def collect(root) -> pd.DataFrame:
         if "defense" in s or folder.parent.name == "defense":
             attack_folder = folder.parent.parent
             parent = attack_folder / "summary.json"
-            a = _attack_info(attack_folder, _json(parent) if parent.exists() else s)
+            a = _attack_info(attack_folder, read_json(parent) if parent.exists() else s)
             dcfg = _config(folder)
             row = {**a, "defense": folder.name, "der": s.get("der"), "rir": s.get("rir"),
                    "defense_seed": dcfg.get("random_seed")}
@@ -195,12 +189,7 @@ def mean_std_markdown(ms) -> str:
 
 def _write(path: pathlib.Path, data):
     """Temporary file then rename: a reader never sees half a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data if isinstance(data, bytes) else data.encode())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data if isinstance(data, bytes) else data.encode())
 
 
 # --- plots -----------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from attack import badnet_bypass, blend_bypass, bypass
+from attack import blend_bypass, bypass
 from models import MODELS, build_model
 from tests.conftest import make_record
 from utils.errors import UserError

@@ -143,6 +143,7 @@ def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, setup_
         fix_random(cfg["random_seed"])
         device = pick_device(cfg["device"])
         precision = Precision(device, cfg["amp"], cfg["channels_last"])
+        run.update_meta(device=str(device), precision=precision.description)   # what --amp gave on this hardware
         t0 = time.time()
         dataset = load_dataset(cfg["dataset"], cfg["dataset_path"])
         info = dataset.info

@@ -6,7 +6,7 @@ Every key is declared once as an Opt with a type, a default and a range check; u
 out-of-range values are errors that name the key and what is allowed.
 """
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 

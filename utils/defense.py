@@ -123,12 +123,17 @@ def open_defense(defense: str, cfg: dict, args, out_name=None, deviations=()) ->
     run = Run(record.path / "defense" / (out_name or defense), defense, cfg, overwrite=args.overwrite,
               resume=args.resume, deviations=[*getattr(args, "deviations", []), *deviations],
               extra={"attack_record": str(record.path), "attack": record.poison["attack"]})
-    print(f"{defense}: resolved configuration\n{format_config(cfg)}")
-    print(f"attack record {record.path}: {record.poison['attack']} on {record.config['dataset']} / "
-          f"{record.model_info['model_name']}; device {device}, {precision.description}")
-    sets = EvalSets(record.data, device)
-    ctx = DefenseContext(cfg, record, run, device, precision, sets, {})
-    ctx.attack_figures = ctx.evaluate(precision.prepare_model(record.model))
+    try:
+        run.update_meta(device=str(device), precision=precision.description)   # what --amp gave on this hardware
+        print(f"{defense}: resolved configuration\n{format_config(cfg)}")
+        print(f"attack record {record.path}: {record.poison['attack']} on {record.config['dataset']} / "
+              f"{record.model_info['model_name']}; device {device}, {precision.description}")
+        sets = EvalSets(record.data, device)
+        ctx = DefenseContext(cfg, record, run, device, precision, sets, {})
+        ctx.attack_figures = ctx.evaluate(precision.prepare_model(record.model))
+    except BaseException:
+        run.close()   # the caller's try/finally starts after this function returns
+        raise
     a = ctx.attack_figures
     print(f"attacked model: ACC {a['test_acc']:.4f}  ASR {a['test_asr']:.4f}  RA {a['test_ra']:.4f}")
     return ctx

@@ -14,5 +14,6 @@ def run_main(main, argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: the run's last checkpoint is kept; continue it with --resume", file=sys.stderr)
+        print("\ninterrupted: the same command with --resume continues from the last epoch's checkpoint "
+              "(a run stopped inside its first epoch left nothing and simply starts again)", file=sys.stderr)
         sys.exit(130)

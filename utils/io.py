@@ -39,7 +39,7 @@ def atomic_write_json(path, obj):
 
 
 def atomic_write_yaml(path, obj):
-    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
 
 
 def atomic_torch_save(obj, path):
