@@ -272,10 +272,12 @@ def main(argv=None, trigger=None):
     if cfg["save_folder_name"] == auto:     # the default name: say which trigger
         cfg["save_folder_name"] = f"bypass_{cfg['trigger']}_{auto[len('bypass_'):]}"
     trig, meta = TRIGGERS[cfg["trigger"]].make_trigger(cfg)
-    deviations = []
+    # the spec's values are the options' defaults (= config/attack/bypass/default.yaml)
+    deviations = [f"{o.name} = {cfg[o.name]!r} (spec: {o.default!r})" for o in OPTIONS
+                  if o.name != "trigger" and cfg[o.name] != o.default]
     if cfg["disc_input_noise"] > 0:
-        deviations.append(f"disc_input_noise = {cfg['disc_input_noise']}: Gaussian noise on D's input as the paper "
-                          "and ART; the original code has none")
+        deviations.append("disc_input_noise > 0: Gaussian noise on D's input as the paper and ART; the original "
+                          "code has none")
     extra = {"discriminator": discriminator_info(cfg, feature_dim_of(cfg)), "bypass_trigger": cfg["trigger"],
              "deviations": deviations}
     return run_attack("bypass", cfg, args, trig, {**meta, "bypass_trigger": cfg["trigger"]},

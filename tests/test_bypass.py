@@ -164,6 +164,19 @@ def test_disc_hidden_parsing_and_entry_point_conflicts():
         bypass.main(["--disc_hidden", "a,b", "--save_folder_name", "x"])
 
 
+def test_dataset_layer_sets_lambda_for_fashion_mnist_only():
+    """config/attack/bypass/fashion_mnist.yaml sits between default.yaml and --yaml_path / the command line."""
+    from utils.attack import attack_config
+    layer = yaml.safe_load(open("config/attack/bypass/fashion_mnist.yaml"))
+    assert layer == {"regularization_ratio": 0.5}
+    cfg, _ = attack_config("bypass", bypass.OPTIONS, ["--dataset", "fashion_mnist"])
+    assert cfg["regularization_ratio"] == 0.5 and cfg["epochs"] == 6          # prototype still underneath
+    cfg, _ = attack_config("bypass", bypass.OPTIONS, ["--dataset", "fashion_mnist", "--regularization_ratio", "20"])
+    assert cfg["regularization_ratio"] == 20.0
+    cfg, _ = attack_config("bypass", bypass.OPTIONS, ["--dataset", "mnist"])   # no mnist layer: the spec's value
+    assert cfg["regularization_ratio"] == 20.0
+
+
 def test_record_round_trip_and_a_defense_can_load_it(tmp_path, fake_root, monkeypatch):
     from utils.defense import DEFENSE_OPTIONS, open_defense
     seen = {}
@@ -196,6 +209,8 @@ def test_record_round_trip_and_a_defense_can_load_it(tmp_path, fake_root, monkey
     assert (ctx.indicator[idx] == 1).all() and (ctx.y_true[idx] == 0).any()
     meta = yaml.safe_load((path / "config.yaml").read_text())
     assert meta["config"]["regularization_ratio"] == 3.0 and meta["config"]["disc_hidden"] == [32, 16]
+    assert "regularization_ratio = 3.0 (spec: 20.0)" in meta["deviations"]
+    assert "disc_hidden = [32, 16] (spec: [256, 128])" in meta["deviations"]
     assert meta["discriminator"]["input_dim"] == 128 and meta["discriminator"]["hidden"] == [32, 16]
     rows = (path / "metrics.csv").read_text().splitlines()
     for col in ("disc_loss", "adv_term", "disc_train_acc", "disc_train_auc", "disc_auc", "disc_bal_acc", "test_asr"):

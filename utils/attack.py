@@ -53,7 +53,8 @@ ATTACK_OPTIONS = [
 
 
 def attack_config(attack: str, method_opts: list, argv=None, description=""):
-    """Parse and layer: command line > --yaml_path > config/attack/<attack>/default.yaml > prototype/<dataset>.yaml."""
+    """Parse and layer: command line > --yaml_path > config/attack/<attack>/<dataset>.yaml (optional: the method's
+    settings chosen for a dataset without published ones) > config/attack/<attack>/default.yaml > prototype/<dataset>.yaml."""
     opts = ATTACK_OPTIONS + method_opts
     args = build_parser(f"attack/{attack}.py", opts, description).parse_args(argv)
     cli = cli_values(args)
@@ -65,6 +66,9 @@ def attack_config(attack: str, method_opts: list, argv=None, description=""):
     proto_file = CONFIG_DIR / "attack" / "prototype" / f"{dataset}.yaml"
     layers = [(str(proto_file.relative_to(CONFIG_DIR.parent)), read_yaml(proto_file)),
               (str(default_file.relative_to(CONFIG_DIR.parent)), default)]
+    dataset_file = CONFIG_DIR / "attack" / attack / f"{dataset}.yaml"
+    if dataset_file.exists():
+        layers.append((str(dataset_file.relative_to(CONFIG_DIR.parent)), read_yaml(dataset_file)))
     if args.yaml_path:
         layers.append((args.yaml_path, user))
     layers.append(("command line", cli))
