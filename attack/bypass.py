@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 from attack import badnet, blend  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.attack import attack_config, run_attack, split_train_metrics  # noqa: E402
-from utils.config import Opt, in_range  # noqa: E402
+from utils.config import Opt, in_range, spec_deviations  # noqa: E402
 from utils.data import DATASETS  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.seeding import generator  # noqa: E402
@@ -273,8 +273,7 @@ def main(argv=None, trigger=None):
         cfg["save_folder_name"] = f"bypass_{cfg['trigger']}_{auto[len('bypass_'):]}"
     trig, meta = TRIGGERS[cfg["trigger"]].make_trigger(cfg)
     # the spec's values are the options' defaults (= config/attack/bypass/default.yaml)
-    deviations = [f"{o.name} = {cfg[o.name]!r} (spec: {o.default!r})" for o in OPTIONS
-                  if o.name != "trigger" and cfg[o.name] != o.default]
+    deviations = spec_deviations(OPTIONS, cfg, skip={"trigger"})
     if cfg["disc_input_noise"] > 0:
         deviations.append("disc_input_noise > 0: Gaussian noise on D's input as the paper and ART; the original "
                           "code has none")

@@ -147,3 +147,11 @@ def cli_values(args: argparse.Namespace) -> dict:
 def format_config(cfg: dict) -> str:
     width = max(map(len, cfg)) if cfg else 0
     return "\n".join(f"  {k:<{width}} : {v}" for k, v in cfg.items())
+
+
+def spec_deviations(method_opts: list, cfg: dict, spec: dict = None, skip=()) -> list:
+    """The method's settings that differ from its specification: the options' defaults (the spec's), updated by
+    `spec` (per-dataset values of the spec), except the names in `skip`. Listed under 'deviations' in config.yaml."""
+    ref = {o.name: o.default for o in method_opts if o.name not in skip}
+    ref.update(spec or {})
+    return [f"{k} = {cfg[k]!r} (spec: {v!r})" for k, v in ref.items() if k in cfg and cfg[k] != v]

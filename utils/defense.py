@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from utils.config import CONFIG_DIR, Opt, build_parser, cli_values, format_config, in_range, read_yaml, resolve
+from utils.config import (CONFIG_DIR, Opt, build_parser, cli_values, format_config, in_range, read_yaml, resolve,
+                          spec_deviations)
 from utils.errors import UserError
 from utils.metrics import der, rir
 from utils.plots import curves_figure
@@ -28,14 +29,6 @@ DEFENSE_OPTIONS = [
 
 
 RUN_KEYS = {o.name for o in DEFENSE_OPTIONS}
-
-
-def spec_deviations(method_opts: list, cfg: dict, spec: dict = None) -> list:
-    """The method's settings that differ from its specification: the options' defaults (the spec's), updated by
-    `spec` (per-dataset values of the spec). They are listed under 'deviations' in config.yaml."""
-    ref = {o.name: o.default for o in method_opts if o.name not in RUN_KEYS}
-    ref.update(spec or {})
-    return [f"{k} = {cfg[k]!r} (spec: {v!r})" for k, v in ref.items() if k in cfg and cfg[k] != v]
 
 
 def defense_config(defense: str, method_opts: list, argv=None, description="", config_dir=None, spec_for=None):
@@ -64,7 +57,7 @@ def defense_config(defense: str, method_opts: list, argv=None, description="", c
     layers.append(("command line", cli))
     cfg = resolve(opts, layers)
     args.dataset = dataset
-    args.deviations = spec_deviations(method_opts, cfg, spec_for(cfg, dataset) if spec_for else None)
+    args.deviations = spec_deviations(method_opts, cfg, spec_for(cfg, dataset) if spec_for else None, skip=RUN_KEYS)
     return cfg, args
 
 
