@@ -2,8 +2,9 @@
 
 ASR counts the non-target test images that, with the trigger on, are classified as the target (conventions §9). A
 model without the backdoor still sends some of them there: images of classes that look like the target, and
-images the trigger damages (the Blended trigger covers the whole image). A defense cannot be expected to go below
-that level, so this script measures it: every model listed is evaluated on every record's poisoned test set.
+images the trigger damages (the Blended trigger covers the whole image). A defense's residual ASR is best read
+against that level, so this script measures it: every model listed is evaluated on every record's poisoned test
+set.
 
     python attack/badnet.py --save_folder_name clean_ref --p_num 1    # one poisoned image in 60,000: no backdoor
     python bench/asr_floor.py --records badnet_demo blend_demo --models clean_ref badnet_demo blend_demo \
