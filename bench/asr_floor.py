@@ -37,12 +37,13 @@ def floor_table(records, models, precision, device):
         if rec.config["dataset"] != first.config["dataset"]:
             raise UserError(f"record {name} is on {rec.config['dataset']}, record {records[0]} on {first.config['dataset']}: "
                             "compare records of one dataset")
+    sets = {name: EvalSets(rec.data, device) for name, rec in loaded.items()}   # built once, used by every model
     table = {}
     for m in models:
         model = precision.prepare_model(load_model(m, first.config["dataset"], device)).eval()
         table[m] = {}
         for r in records:
-            d = evaluate_backdoor(model, EvalSets(loaded[r].data, device), precision)
+            d = evaluate_backdoor(model, sets[r], precision)
             table[m][r] = (d["test_acc"], d["test_asr"], d["test_ra"])
     return table
 
