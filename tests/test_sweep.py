@@ -56,8 +56,10 @@ def sweep_yaml(tmp, root, data_root, stub, attacks=("badnet",), defenses=None, m
 
 
 def run_sweep(path, *extra):
+    # the timeout guards against a hung Ray, it is not a speed check: on a loaded 2-core machine the first
+    # sweep (Ray's start plus two tiny jobs) took over 300 s
     p = subprocess.run([sys.executable, "sweep/run.py", str(path), "--num_cpus", "2", *extra], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=900)
     return p.returncode, p.stdout + p.stderr
 
 
