@@ -21,10 +21,9 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from utils.errors import UserError, run_main  # noqa: E402
-from utils.record import check_attack_record, load_attack_record, load_defense_model, record_path  # noqa: E402
+from utils.record import load_attack_record, load_record_model  # noqa: E402
 from utils.train import EvalSets, Precision, evaluate_backdoor, pick_device  # noqa: E402
 
 
@@ -40,24 +39,12 @@ def floor_table(records, models, precision, device):
     sets = {name: EvalSets(rec.data, device) for name, rec in loaded.items()}   # built once, used by every model
     table = {}
     for m in models:
-        model = precision.prepare_model(load_model(m, first.config["dataset"], device)).eval()
+        model = precision.prepare_model(load_record_model(m, first.config["dataset"], device)).eval()
         table[m] = {}
         for r in records:
             d = evaluate_backdoor(model, sets[r], precision)
             table[m][r] = (d["test_acc"], d["test_asr"], d["test_ra"])
     return table
-
-
-def load_model(name, dataset, device):
-    """An attack record's model, or a defense record's (a folder under <record>/defense/): weights only."""
-    path = record_path(name)
-    attack = path.parent.parent if path.parent.name == "defense" else path
-    check_attack_record(attack)
-    trained_on = yaml.safe_load((attack / "config.yaml").read_text())["config"]["dataset"]
-    if trained_on != dataset:
-        raise UserError(f"model {name} was trained on {trained_on}, the records are {dataset}: "
-                        "compare records of one dataset")
-    return load_defense_model(path / "model.pt", device)   # a plain model unless it is PDB's defended model
 
 
 def markdown(table, records):

@@ -21,10 +21,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.asr_floor import load_model  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.metrics import accuracy  # noqa: E402
-from utils.record import load_attack_record, record_path  # noqa: E402
+from utils.record import load_attack_record, load_record_model, record_path  # noqa: E402
 from utils.train import Precision, pick_device, predict, to_unit  # noqa: E402
 
 STRENGTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -53,14 +52,13 @@ def strength_table(record, models, strengths, precision, device, batch_size=1024
     data = rec.data
     x_clean, x_bd = data.x_test[data.bd_test_indices].to(device), data.x_bd_test.to(device)
     y_bd = data.y_bd_test.to(device)
-    table = {}
-    for m in models:
-        model = precision.prepare_model(load_model(m, rec.config["dataset"], device)).eval()
-        row = []
-        for a in strengths:
-            pred, _ = predict(model, partial_trigger(x_clean, x_bd, a), precision, batch_size)
-            row.append(accuracy(pred, y_bd))
-        table[m] = row
+    loaded = {m: precision.prepare_model(load_record_model(m, rec.config["dataset"], device)).eval() for m in models}
+    table = {m: [] for m in models}
+    for a in strengths:   # each partly triggered set is built once and shared by every model
+        x_a = partial_trigger(x_clean, x_bd, a)
+        for m, model in loaded.items():
+            pred, _ = predict(model, x_a, precision, batch_size)
+            table[m].append(accuracy(pred, y_bd))
     return table
 
 

@@ -273,6 +273,19 @@ def check_attack_record(result_file) -> Path:
     return path
 
 
+def load_record_model(name, dataset, device="cpu"):
+    """The model of an attack record, or of a defense record (a folder under <record>/defense/), checked to be
+    trained on `dataset`: weights only, PDB's DefendedModel where that is what the defense saved."""
+    path = record_path(name)
+    attack = path.parent.parent if path.parent.name == "defense" else path
+    check_attack_record(attack)
+    trained_on = yaml.safe_load((attack / "config.yaml").read_text())["config"]["dataset"]
+    if trained_on != dataset:
+        raise UserError(f"model {name} was trained on {trained_on}, the records are {dataset}: "
+                        "compare records of one dataset")
+    return load_defense_model(path / "model.pt", device)
+
+
 def load_attack_record(result_file, dataset_path=None, device="cpu") -> AttackRecord:
     """Everything a defense needs: the attacked model, the poisoned training set and test sets (rebuilt from the
     clean dataset, poison.json and trigger_pattern.png, checked against the stored digests) and the metadata."""
