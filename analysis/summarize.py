@@ -25,10 +25,10 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.io import atomic_write_bytes, read_json  # noqa: E402
+from utils.run_folder import read_record_config  # noqa: E402
 
 KEYS = ["attack", "defense", "dataset", "model", "pratio", "target", "variant"]  # a setting; + seed = a record
 # settings that do not change what a record is (paths, devices, seeds): records differing only in them are repeats
@@ -43,10 +43,10 @@ SUMMARY_DIR = "summary"
 # --- reading records -------------------------------------------------------------------------------------------
 
 def _config(folder: pathlib.Path) -> dict:
-    try:
-        return (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("config") or {}
-    except (OSError, yaml.YAMLError):
+    """The record's resolved settings; {} for a hand-made record without config.yaml (an unreadable one is an error)."""
+    if not (folder / "config.yaml").exists():
         return {}
+    return read_record_config(folder)["config"]
 
 
 def _attack_info(folder: pathlib.Path, summary: dict) -> dict:
@@ -86,6 +86,34 @@ def _variants(df) -> list:
     return labels
 
 
+def _row(root, folder, s) -> dict:
+    """The table row of one record (its summary.json is s); None for a summary.json that is not a record's."""
+    if not all(k in s for k in ("test_acc", "test_asr", "test_ra")):
+        return None  # not a record of this toolkit
+    if "defense" in s or folder.parent.name == "defense":
+        attack_folder = folder.parent.parent
+        parent = attack_folder / "summary.json"
+        try:
+            a = _attack_info(attack_folder, read_json(parent, "record file") if parent.exists() else s)
+        except UserError as e:
+            print(f"warning: {e}; its defense record {folder} is described from its own files", file=sys.stderr)
+            a = _attack_info(attack_folder, s)
+        dcfg = _config(folder)
+        row = {**a, "defense": folder.name, "der": s.get("der"), "rir": s.get("rir"),
+               "defense_seed": dcfg.get("random_seed")}
+    else:
+        row = {**_attack_info(folder, s), "defense": NONE, "der": math.nan, "rir": math.nan, "defense_seed": None}
+    row["_settings"] = _settings(folder if row["defense"] != NONE else None,
+                                 folder.parent.parent if row["defense"] != NONE else folder)
+    row.update({k: s[k] for k in ("test_acc", "test_asr", "test_ra")})
+    row["seconds"] = s.get("seconds")
+    try:
+        row["record"] = str(folder.relative_to(root))
+    except ValueError:
+        row["record"] = str(folder)
+    return row
+
+
 def collect(root) -> pd.DataFrame:
     """A row per complete record (summary.json present) under root, attack records and defense records alike."""
     root = pathlib.Path(root)
@@ -94,31 +122,15 @@ def collect(root) -> pd.DataFrame:
     rows = []
     for path in sorted(root.rglob("summary.json")):
         folder = path.parent
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue   # a record kept aside while --overwrite replaces it
         try:
-            s = read_json(path)
-        except (OSError, ValueError) as e:
-            print(f"warning: skipping {path}: unreadable ({e})", file=sys.stderr)
+            row = _row(root, folder, read_json(path, "record file"))
+        except UserError as e:
+            print(f"warning: skipping {folder}: {e}", file=sys.stderr)
             continue
-        if not all(k in s for k in ("test_acc", "test_asr", "test_ra")):
-            continue  # not a record of this toolkit
-        if "defense" in s or folder.parent.name == "defense":
-            attack_folder = folder.parent.parent
-            parent = attack_folder / "summary.json"
-            a = _attack_info(attack_folder, read_json(parent) if parent.exists() else s)
-            dcfg = _config(folder)
-            row = {**a, "defense": folder.name, "der": s.get("der"), "rir": s.get("rir"),
-                   "defense_seed": dcfg.get("random_seed")}
-        else:
-            row = {**_attack_info(folder, s), "defense": NONE, "der": math.nan, "rir": math.nan, "defense_seed": None}
-        row["_settings"] = _settings(folder if row["defense"] != NONE else None,
-                                     folder.parent.parent if row["defense"] != NONE else folder)
-        row.update({k: s[k] for k in ("test_acc", "test_asr", "test_ra")})
-        row["seconds"] = s.get("seconds")
-        try:
-            row["record"] = str(folder.relative_to(root))
-        except ValueError:
-            row["record"] = str(folder)
-        rows.append(row)
+        if row is not None:
+            rows.append(row)
     cols = COLUMNS + ["rir", "defense_seed", "record"]
     df = pd.DataFrame(rows, columns=cols + ["_settings"])
     df["defense_seed"] = df["defense_seed"].astype("Int64")

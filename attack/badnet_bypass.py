@@ -12,6 +12,10 @@ from attack import bypass  # noqa: E402
 from utils.errors import run_main  # noqa: E402
 
 
+def configure(argv=None):
+    return bypass.configure(argv, trigger="badnet")
+
+
 def main(argv=None):
     return bypass.main(argv, trigger="badnet")
 

@@ -36,9 +36,14 @@ def make_trigger(cfg):
     return Trigger("blend", pattern, cfg["attack_train_blended_alpha"], cfg["attack_test_blended_alpha"]), meta
 
 
-def main(argv=None):
+def configure(argv=None):
+    """Every setting resolved and checked and the trigger made, nothing written (the sweep checks its jobs with this)."""
     cfg, args = attack_config("blend", OPTIONS, argv, __doc__)
-    trigger, meta = make_trigger(cfg)
+    return cfg, args, *make_trigger(cfg)
+
+
+def main(argv=None):
+    cfg, args, trigger, meta = configure(argv)
     return run_attack("blend", cfg, args, trigger, meta)
 
 

@@ -24,6 +24,7 @@ from utils.attack import attack_config, run_attack, split_train_metrics  # noqa:
 from utils.config import Opt, in_range, spec_deviations  # noqa: E402
 from utils.data import DATASETS  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
+from utils.io import load_weights  # noqa: E402
 from utils.seeding import generator  # noqa: E402
 from utils.train import GeneratorState, batch_indices, progress, scheduler_step, to_unit  # noqa: E402
 
@@ -248,8 +249,8 @@ def feature_dim_of(cfg):
 
 def load_discriminator(model_file, device="cpu"):
     """D as saved in a Bypass record's model.pt (weights-only load), in eval mode."""
-    d = torch.load(model_file, weights_only=True, map_location=device)
-    if "discriminator_state_dict" not in d:
+    d = load_weights(model_file, "model file", device)
+    if "discriminator_state_dict" not in d or "discriminator" not in d:
         raise UserError(f"{model_file} holds no discriminator: it is not a Bypass record")
     info = d["discriminator"]
     disc = Discriminator(info["input_dim"], info["hidden"], info["leaky_slope"])
@@ -257,8 +258,9 @@ def load_discriminator(model_file, device="cpu"):
     return disc.to(device).eval()
 
 
-def main(argv=None, trigger=None):
-    """trigger: fixed by the entry points badnet_bypass.py / blend_bypass.py."""
+def configure(argv=None, trigger=None):
+    """Every setting resolved and checked and the trigger made, nothing written (the sweep checks its jobs with this).
+    trigger: fixed by the entry points badnet_bypass.py / blend_bypass.py."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if trigger is not None:
         given = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
@@ -279,6 +281,11 @@ def main(argv=None, trigger=None):
                           "code has none")
     extra = {"discriminator": discriminator_info(cfg, feature_dim_of(cfg)), "bypass_trigger": cfg["trigger"],
              "deviations": deviations}
+    return cfg, args, trig, meta, extra
+
+
+def main(argv=None, trigger=None):
+    cfg, args, trig, meta, extra = configure(argv, trigger)
     return run_attack("bypass", cfg, args, trig, {**meta, "bypass_trigger": cfg["trigger"]},
                       setup_epoch=setup_bypass, extra_config=extra)
 

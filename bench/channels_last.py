@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models import build_model  # noqa: E402
+from utils.errors import run_main  # noqa: E402
 
 
 def images_per_second(name, shape, batch, steps, channels_last):
@@ -36,13 +37,13 @@ def images_per_second(name, shape, batch, steps, channels_last):
     return batch * steps / (time.perf_counter() - t0)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["preactresnet18", "cnn"])
     p.add_argument("--shape", nargs=3, type=int, default=[1, 28, 28], metavar=("C", "H", "W"))
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--steps", type=int, default=4, help="timed training steps per setting (more for small models)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {a.batch_size}, "
           f"input {tuple(a.shape)}")
     for name in a.models:
@@ -52,4 +53,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

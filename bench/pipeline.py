@@ -23,6 +23,7 @@ from utils.data import load_dataset  # noqa: E402
 from utils.poison import build_poisoned_data, plan_poison  # noqa: E402
 from utils.train import Precision, random_crop_flip, train_epoch_supervised  # noqa: E402
 from utils.triggers import Trigger, badnet_pattern  # noqa: E402
+from utils.errors import run_main  # noqa: E402
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -49,7 +50,7 @@ def new_model(args, info, precision):  # same init for every pipeline
     return precision.prepare_model(m), None
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--model", default="cnn")
@@ -58,7 +59,7 @@ def main():
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images (0: all)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--amp", type=int, default=1)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     d = load_dataset(args.dataset)
     info = d.info
@@ -122,4 +123,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,7 +17,6 @@ For each record, on eval-mode, un-augmented penultimate features M.features(x):
     python bench/separability.py badnet_demo bypass_badnet_demo blend_demo bypass_blend_demo
 """
 import argparse
-import csv
 import pathlib
 import sys
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from attack.bypass import Discriminator, disc_scores, load_discriminator, penultimate_features, roc_auc  # noqa: E402
 from utils.errors import run_main  # noqa: E402
+from utils.io import load_weights, read_csv_rows  # noqa: E402
 from utils.record import load_attack_record  # noqa: E402
 from utils.seeding import generator  # noqa: E402
 from utils.train import Precision, pick_device  # noqa: E402
@@ -83,7 +83,7 @@ def last_metric(path, key):
     f = pathlib.Path(path) / "metrics.csv"
     if not f.exists():
         return float("nan")
-    rows = list(csv.DictReader(f.open()))
+    rows = read_csv_rows(f, "record file")
     v = rows[-1].get(key) if rows else None
     return float(v) if v not in (None, "") else float("nan")
 
@@ -106,7 +106,7 @@ def analyse(result_file, seed, precision, batch_size):
     out["probe_acc"], out["probe_auc"] = linear_probe(h[m].numpy(), p[m].numpy(), h[~m].numpy(), p[~m].numpy())
     out["posthoc_d_auc"] = posthoc_discriminator(h[m], p[m], h[~m], p[~m], seed)
     own = rec.path / "model.pt"
-    if "discriminator_state_dict" in torch.load(own, weights_only=True, map_location="cpu"):
+    if "discriminator_state_dict" in load_weights(own, "model file"):
         out["own_d_auc_train_heldout"] = roc_auc(disc_scores(load_discriminator(own), h[~m]), p[~m])
         out["own_d_auc_test"] = last_metric(rec.path, "disc_auc")
     else:

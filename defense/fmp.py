@@ -346,8 +346,13 @@ def zero_mask(model, plan):
     return apply
 
 
+def configure(argv=None, dataset=None):
+    """Every setting resolved and checked, nothing written (the sweep checks its jobs with this)."""
+    return defense_config("fmp", OPTIONS, argv, __doc__, dataset=dataset)
+
+
 def main(argv=None):
-    cfg, args = defense_config("fmp", OPTIONS, argv, __doc__)
+    cfg, args = configure(argv)
     ctx = open_defense("fmp", cfg, args)
     run = ctx.run
     try:

@@ -16,6 +16,10 @@ from defense import ft  # noqa: E402
 from utils.errors import run_main  # noqa: E402
 
 
+def configure(argv=None, dataset=None):
+    return ft.configure(argv, dataset, fixed_mode="fst", description=__doc__)
+
+
 def main(argv=None):
     return ft.main(argv, fixed_mode="fst", description=__doc__)
 

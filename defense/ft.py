@@ -205,10 +205,11 @@ def spec_for(cfg, dataset):
     return {**SPEC_BY_DATASET.get(dataset, {}), **chosen}
 
 
-def main(argv=None, fixed_mode=None, description=__doc__):
-    """fixed_mode: set by defense/fst.py, which is this code with ft_mode = fst."""
+def configure(argv=None, dataset=None, fixed_mode=None, description=__doc__):
+    """Every setting resolved and checked, nothing written (the sweep checks its jobs with this).
+    fixed_mode: set by defense/fst.py, which is this code with ft_mode = fst."""
     name = "fst" if fixed_mode == "fst" else "ft"
-    cfg, args = defense_config(name, OPTIONS, argv, description, config_dir="ft", spec_for=spec_for)
+    cfg, args = defense_config(name, OPTIONS, argv, description, config_dir="ft", spec_for=spec_for, dataset=dataset)
     if fixed_mode:
         if cfg["ft_mode"] not in (None, fixed_mode):
             raise UserError(f"defense/{name}.py runs ft_mode {fixed_mode} only (got {cfg['ft_mode']}); "
@@ -220,6 +221,11 @@ def main(argv=None, fixed_mode=None, description=__doc__):
     if cfg["out_name"] == "ft-bb" and cfg["ft_mode"] != "ft":
         raise UserError(f"out_name ft-bb is BackdoorBench's FT baseline, a configuration of ft_mode ft (got "
                         f"{cfg['ft_mode']}); drop --ft_mode or choose another --out_name")
+    return cfg, args
+
+
+def main(argv=None, fixed_mode=None, description=__doc__):
+    cfg, args = configure(argv, fixed_mode=fixed_mode, description=description)
     mode = cfg["ft_mode"]
     t_max = cfg["cos_t_max"] or cfg["epochs"]
     notes = []

@@ -18,7 +18,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
 
 from models import MODELS, build_model  # noqa: E402
 from utils.config import Opt, in_range  # noqa: E402
@@ -27,7 +26,6 @@ from utils.defended_model import DefendedModel, check_shift, defensive_mask  # n
 from utils.defense import defense_config, finish_defense, open_defense  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.poison import class_balanced_draw  # noqa: E402
-from utils.record import record_path  # noqa: E402
 from utils.seeding import generator  # noqa: E402
 from utils.train import (GeneratorState, batch_indices, fit, make_optimizer, make_scheduler, progress,  # noqa: E402
                          random_crop_flip, scheduler_step, to_unit)
@@ -92,13 +90,12 @@ REFUSED = {
 REFUSED["lmd_2"] = REFUSED["lmd_3"] = REFUSED["lmd_1"]
 
 
-def check_settings(cfg):
+def check_settings(cfg, dataset):
     """Refused keys, and the settings that depend on the dataset (K, image size): checked before any file is written."""
     for key, why in REFUSED.items():
         if cfg.pop(key) is not None:
             raise UserError(f"key '{key}' is not accepted by PDB: {why}")
-    meta = yaml.safe_load((record_path(cfg["result_file"]) / "config.yaml").read_text())["config"]
-    info = dataset_info(meta["dataset"])
+    info = dataset_info(dataset)
     check_shift(cfg["target_type"], info.num_classes)
     defensive_mask(info.shape, cfg["trigger_type"], cfg["square_size"], cfg["border_width"])
     if 0 <= cfg["pix_value"] <= 1:
@@ -246,10 +243,16 @@ def evaluate(ctx, defended: DefendedModel):
             "clean_test_loss": d["clean_test_loss"], "bd_test_loss": d["bd_test_loss"]}
 
 
-def main(argv=None):
-    cfg, args = defense_config("pdb", OPTIONS, argv, __doc__,
+def configure(argv=None, dataset=None):
+    """Every setting resolved and checked, nothing written (the sweep checks its jobs with this)."""
+    cfg, args = defense_config("pdb", OPTIONS, argv, __doc__, dataset=dataset,
                                spec_for=lambda cfg, dataset: {"border_width": 5} if dataset == "tiny" else {})
-    check_settings(cfg)
+    check_settings(cfg, args.dataset)
+    return cfg, args
+
+
+def main(argv=None):
+    cfg, args = configure(argv)
     ctx = open_defense("pdb", cfg, args)
     try:
         data, info, run = ctx.data, ctx.record.model_info, ctx.run

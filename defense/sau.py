@@ -181,10 +181,15 @@ def sau_round(model, ref, x_clean, y_clean, optimizer, cfg, precision, gen):
 
 # --- main -----------------------------------------------------------------------------------------------------
 
-def main(argv=None):
+def configure(argv=None, dataset=None):
+    """Every setting resolved and checked, nothing written (the sweep checks its jobs with this)."""
     # the options' defaults are the spec's (sau.md §3); tiny has 20 rounds
-    cfg, args = defense_config("sau", OPTIONS, argv, __doc__,
-                               spec_for=lambda cfg, dataset: {"n_rounds": 20} if dataset == "tiny" else {})
+    return defense_config("sau", OPTIONS, argv, __doc__, dataset=dataset,
+                          spec_for=lambda cfg, dataset: {"n_rounds": 20} if dataset == "tiny" else {})
+
+
+def main(argv=None):
+    cfg, args = configure(argv)
     ctx = open_defense("sau", cfg, args)
     try:
         x_clean, y_clean, _ = ctx.clean_subset(cfg["ratio"], balanced=False, index_file=cfg["index"])

@@ -15,6 +15,9 @@ On a cluster, every node needs the repository at the same path and the record ro
 See config/sweep/demo.yaml for the YAML keys.
 """
 import argparse
+import contextlib
+import importlib
+import io
 import json
 import math
 import os
@@ -72,6 +75,7 @@ class Job:
     out: pathlib.Path          # the record folder this job completes
     resources: dict
     log: pathlib.Path
+    dataset: str = "fashion_mnist"   # the attack's dataset (a defense job is checked against it)
     parent: "Job" = None       # the attack a defense job needs
     children: list = field(default_factory=list)
     status: str = "todo"       # todo, skipped, running, done, failed, blocked
@@ -251,7 +255,7 @@ def expand(cfg: dict, root: pathlib.Path, override_res=None, warn=print) -> list
             a_args += _option_args({GRID_ALIASES.get(k, k): v for k, v in point.items()}, "grid")
             a_args += _option_args(args.get("attack") or {}, "args.attack") + _option_args(args.get(a) or {}, f"args.{a}")
             job = Job(name, "attack", a, spec["script"], a_args, out,
-                      _resources(cfg, "attack", a, override_res), logs / f"{name}.log")
+                      _resources(cfg, "attack", a, override_res), logs / f"{name}.log", str(values["dataset"]))
             jobs.append(job)
             for d in dnames:
                 dspec = defenses[d]
@@ -268,8 +272,64 @@ def expand(cfg: dict, root: pathlib.Path, override_res=None, warn=print) -> list
                 d_args += ["--random_seed", str(seed)]
                 d_args += _option_args(args.get("defense") or {}, "args.defense") + _option_args(args.get(d) or {}, f"args.{d}")
                 job.children.append(Job(f"{name}__{d}", "defense", d, dspec["script"], d_args, d_out,
-                                        _resources(cfg, "defense", d, override_res), logs / f"{name}__{d}.log", job))
+                                        _resources(cfg, "defense", d, override_res), logs / f"{name}__{d}.log",
+                                        str(values["dataset"]), job))
     return jobs
+
+
+# --- checking every job's command line before anything runs -------------------------------------------------------
+
+def method_module(script):
+    """The module of one of the repository's method scripts (attack/badnet.py -> attack.badnet), imported without
+    running its main; None for a script of the YAML's own (importing it could run it)."""
+    path = _script_path(script).resolve()
+    if not (path.is_relative_to(REPO) and path.suffix == ".py" and path.exists()):
+        return None
+    return importlib.import_module(".".join(path.relative_to(REPO).with_suffix("").parts))
+
+
+def check_job(job: Job):
+    """None if the job's command passes the script's own option checks (its configure()), else the one-line error.
+    A defense whose attack record does not exist yet is checked against the attack's dataset."""
+    try:
+        configure = getattr(method_module(job.script), "configure", None)
+    except Exception as e:   # a script that does not import
+        return f"{job.script} cannot be imported ({type(e).__name__}: {e})"
+    if configure is None:
+        return None   # a script of the YAML's own: it is checked when it runs
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            configure(job.args) if job.kind == "attack" else configure(job.args, dataset=job.dataset)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def check_jobs(jobs: list) -> dict:
+    """{job name: error} for every job whose command line is refused, and every defense of a refused attack."""
+    invalid = {}
+    for j in jobs:
+        msg = check_job(j)
+        if msg is None and j.parent is not None and j.parent.name in invalid:
+            msg = f"its attack {j.parent.name} is invalid"
+        if msg is not None:
+            invalid[j.name] = msg
+    return invalid
+
+
+def drop_invalid(jobs: list, invalid: dict) -> list:
+    """The attack jobs that are valid, each without its invalid defense jobs (--skip_invalid)."""
+    kept = [a for a in jobs if a.name not in invalid]
+    for a in kept:
+        a.children = [d for d in a.children if d.name not in invalid]
+    return kept
+
+
+def report_invalid(every: list, invalid: dict):
+    print(f"{len(invalid)} job(s) have settings their script refuses:", file=sys.stderr)
+    for j in every:
+        if j.name in invalid:
+            print(f"  {j.name}: {invalid[j.name]}\n      {' '.join(j.command())}", file=sys.stderr)
 
 
 # --- one job, inside a Ray task ---------------------------------------------------------------------------------
@@ -478,7 +538,10 @@ def parse_args(argv):
     p.add_argument("--num_gpus_per_job", type=float, default=None, help="override the YAML's per-job GPU request")
     p.add_argument("--root", default=None, help="record folder of this sweep (default: the YAML's root, "
                    "else record/sweep_<name>)")
-    p.add_argument("--dry_run", action="store_true", help="list the jobs and their state; run nothing")
+    p.add_argument("--dry_run", action="store_true", help="check every job's settings, list the jobs and their state; "
+                   "run nothing")
+    p.add_argument("--skip_invalid", action="store_true", help="run the valid jobs even if some are refused by their "
+                   "script's option checks (default: nothing runs while any job is invalid)")
     p.add_argument("--no_summary", action="store_true", help="do not run analysis/summarize.py at the end")
     return p.parse_args(argv)
 
@@ -493,11 +556,24 @@ def main(argv=None):
     todo = [j for j in every if not is_complete(j.out)]
     print(f"sweep {cfg['name']}: {len(jobs)} attack and {len(every) - len(jobs)} defense jobs, {len(every) - len(todo)} "
           f"already complete; records under {root}")
+    invalid = check_jobs(todo)
     if args.dry_run:
         for j in every:
-            state = "complete" if is_complete(j.out) else "to run"
-            print(f"  [{state:8}] {j.name}  {j.resources}\n             {' '.join(j.command())}")
-        return 0
+            state = "complete" if is_complete(j.out) else "invalid" if j.name in invalid else "to run"
+            print(f"  [{state:8}] {j.name}  {j.resources}\n             {' '.join(j.command())}"
+                  + (f"\n             error: {invalid[j.name]}" if j.name in invalid else ""))
+        if invalid:
+            print(f"{len(invalid)} invalid job(s): fix the sweep YAML (or run with --skip_invalid)", file=sys.stderr)
+        return 2 if invalid else 0
+    if invalid:
+        report_invalid(every, invalid)
+        if not args.skip_invalid:
+            print("nothing was run: fix the sweep YAML, or pass --skip_invalid to run the other jobs", file=sys.stderr)
+            return 2
+        jobs = drop_invalid(jobs, invalid)
+        every = [j for a in jobs for j in [a, *a.children]]
+        todo = [j for j in every if not is_complete(j.out)]
+        print(f"--skip_invalid: running the other {len(todo)} job(s)")
     t0 = time.time()
     if todo:
         ray = start_ray(args.address, args.num_cpus, args.num_gpus)

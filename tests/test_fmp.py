@@ -2,6 +2,7 @@
 selection rule, pruning by module identity with the BN identity rule, eval-mode ranking, and real runs."""
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -353,8 +354,12 @@ def test_resume_equals_an_uninterrupted_run(tiny_record, monkeypatch):
         real_fit(run, 1, *a, **k)
         raise KeyboardInterrupt
     monkeypatch.setattr(fmp, "fit", stop_after_one)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):   # an interrupted --overwrite puts the complete record back
         fmp.main(args)
+    assert (out / "summary.json").exists() and not (out / "checkpoint.pt").exists()
+    shutil.rmtree(out)
+    with pytest.raises(KeyboardInterrupt):
+        fmp.main([a for a in args if a != "--overwrite"])
     assert (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
     monkeypatch.setattr(fmp, "fit", real_fit)
     monkeypatch.setattr(fmp, "rank_and_prune", lambda *a: pytest.fail("a resumed run must not rank again"))

@@ -9,7 +9,8 @@ import yaml
 import attack.blend as blend
 from tests.conftest import make_record
 from utils.errors import UserError
-from utils.record import Run, load_attack_record, load_model_file
+from utils.record import load_attack_record, load_model_file
+from utils.run_folder import Run
 from utils.triggers import pattern_png_bytes, blend_noise_pattern
 
 RECORD_FILES = {"config.yaml", "poison.json", "model.pt", "metrics.csv", "summary.json", "trigger.png", "curves.png",
@@ -84,7 +85,7 @@ def test_incomplete_missing_or_foreign_records_are_refused(tiny_record, tmp_path
 def test_model_file_that_is_not_weights_only_is_refused(tmp_path):
     import subprocess
     torch.save({"x": subprocess.Popen}, tmp_path / "model.pt")  # a pickle that names arbitrary code
-    with pytest.raises(UserError, match="not a weights-only model file"):
+    with pytest.raises(UserError, match="not a weights-only"):
         load_model_file(tmp_path / "model.pt")
     torch.save({"format_version": 1, "defense": "pdb", "inner_state_dict": {}}, tmp_path / "model.pt")
     with pytest.raises(UserError, match="defended model"):
@@ -150,6 +151,7 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_or_restarts(tm
     # killed outright (no clean-up): a folder of ours without a checkpoint; --resume starts it again
     monkeypatch.setattr(Run, "save_checkpoint", original)
     d.mkdir()
+    (d / "record.json").write_text('{"toolkit": "backdoor-toolkit"}')   # the marker, written first by every run
     (d / "config.yaml").write_text("method: badnet\n")
     (d / "poison.json").write_text("{}")
     with pytest.raises(UserError, match="before its first checkpoint.*--resume or --overwrite"):
@@ -176,9 +178,10 @@ def test_a_folder_that_is_not_a_record_is_not_replaced(tmp_path, fake_root):
     f = tmp_path / "mine"
     f.mkdir()
     (f / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not a record.*--overwrite"):
-        make_record(f, fake_root)
-    assert (f / "notes.txt").read_text() == "keep me"
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        with pytest.raises(UserError, match="not a record of this toolkit.*nothing was changed"):
+            make_record(f, fake_root, extra=extra)
+        assert sorted(p.name for p in f.iterdir()) == ["notes.txt"] and (f / "notes.txt").read_text() == "keep me"
 
 
 def test_blend_all2all_with_reserve_round_trip(tmp_path, fake_root):

@@ -210,15 +210,18 @@ def test_rerun_skips_complete_jobs_without_starting_ray(first_sweep):
 
 def test_a_failing_job_is_reported_and_the_rest_completes(first_sweep, fake_root, stub):
     """On the same root: the badnet record and its stub defense are complete (skipped); a second stub defense
-    runs, a third is made to fail, and a blend attack fails (bad target), which blocks its defenses."""
+    runs, a third is made to fail, and a blend attack fails when it runs (more poisoned samples than the data has),
+    which blocks its defenses. A Bypass attack with a setting its script refuses is left out by --skip_invalid."""
     tmp, root, _, _, _ = first_sweep
     defenses = [{"stub": {"script": str(stub), "args": ["--out", "stub"]}},
                 {"stub2": {"script": str(stub), "args": ["--out", "stub2"]}},
                 {"broken": {"script": str(stub), "args": ["--out", "broken", "--fail", "true"]}}]
-    path = sweep_yaml(tmp, root, fake_root, stub, attacks=("badnet", "blend"), defenses=defenses,
-                      method_args={"blend": {"attack_target": 99}})
-    rc, out = run_sweep(path)
+    path = sweep_yaml(tmp, root, fake_root, stub, attacks=("badnet", "blend", "bypass_badnet"), defenses=defenses,
+                      method_args={"blend": {"p_num": 100000}, "bypass_badnet": {"regularization_ratio": -1}})
+    rc, out = run_sweep(path, "--skip_invalid")
     assert rc == 1, out
+    assert "bypass_badnet_fashion_mnist_s0: regularization_ratio = -1.0 (command line) is out of range" in out
+    assert "--skip_invalid: running the other" in out
     jobs = {j["name"]: j for j in json.loads((root / "sweep_report.json").read_text())["jobs"]}
     status = {n: j["status"] for n, j in jobs.items()}
     assert status == {"badnet_fashion_mnist_s0": "skipped", "badnet_fashion_mnist_s0__stub": "skipped",
@@ -229,7 +232,7 @@ def test_a_failing_job_is_reported_and_the_rest_completes(first_sweep, fake_root
     for name in ("badnet_fashion_mnist_s0__broken", "blend_fashion_mnist_s0"):
         assert name in failures and jobs[name]["log"] in failures
     assert "made to fail" in jobs["badnet_fashion_mnist_s0__broken"]["message"]
-    assert "attack_target" in jobs["blend_fashion_mnist_s0"]["message"]
+    assert "p_num 100000 exceeds" in jobs["blend_fashion_mnist_s0"]["message"]
     assert (root / "badnet_fashion_mnist_s0" / "defense" / "stub2" / "summary.json").exists()
     assert set(pd.read_csv(root / "summary" / "summary.csv")["defense"]) == {"none", "stub", "stub2"}
 

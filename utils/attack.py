@@ -13,7 +13,8 @@ from utils.errors import UserError
 from utils.io import atomic_write_json
 from utils.plots import curves_figure, trigger_figure
 from utils.poison import build_poisoned_data, plan_poison
-from utils.record import FORMAT_VERSION, Run, model_payload, record_path
+from utils.record import model_payload
+from utils.run_folder import FORMAT_VERSION, Run, record_path
 from utils.seeding import fix_random, generator
 from utils.train import (EvalSets, GeneratorState, Precision, device_check, evaluate_backdoor, fit, make_optimizer,
                          make_scheduler, pick_device, random_crop_flip, scheduler_step, train_epoch_supervised)
@@ -82,6 +83,7 @@ def attack_config(attack: str, method_opts: list, argv=None, description=""):
                         f"allowed: not a multiple of {k}")
     if cfg["save_folder_name"] is None:
         cfg["save_folder_name"] = f"{attack}_{cfg['dataset']}_{cfg['model']}_{cfg['pratio']}_{cfg['random_seed']}"
+    record_path(cfg["save_folder_name"])   # a name that is refused is refused before anything runs
     return cfg, args
 
 
@@ -135,26 +137,37 @@ def augmentation_deviations(cfg) -> list:
     return out
 
 
+def prepare_data(cfg, trigger):
+    """The clean dataset, the poison plan and the poisoned sets, with every check that needs them (sizes, p_num,
+    a training set of at least one batch): all before any file is written or an old record is moved aside."""
+    dataset = load_dataset(cfg["dataset"], cfg["dataset_path"])
+    plan = plan_poison(dataset.y_train, dataset.info.num_classes, cfg["pratio"], cfg["p_num"], cfg["attack_label_trans"],
+                       cfg["attack_target"], cfg["attack_label_shift_amount"], cfg["reserve_ratio"],
+                       cfg["reserve_rule"], cfg["random_seed"])
+    n_train = len(dataset.y_train) - len(plan.reserve_indices)
+    if cfg["drop_last"] and n_train < cfg["batch_size"]:
+        raise UserError(f"the attacker's training set holds {n_train} samples, fewer than batch_size "
+                        f"{cfg['batch_size']}: with drop_last no batch would be trained; lower --batch_size"
+                        + (" or --reserve_ratio" if len(plan.reserve_indices) else ""))
+    return dataset, plan, build_poisoned_data(dataset, trigger, plan)
+
+
 def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, setup_epoch=None, extra_config=None):
     """Poison, train, evaluate every epoch, and write the record. setup_epoch(ctx) -> epoch function, for attacks
     whose training differs from the standard loop (Bypass); it may add to ctx.state and ctx.payload."""
     path = record_path(cfg["save_folder_name"])
+    t0 = time.time()
+    dataset, plan, data = prepare_data(cfg, trigger)
+    device = pick_device(cfg["device"])
     extra = dict(extra_config or {})
     run = Run(path, attack, cfg, overwrite=args.overwrite, resume=args.resume, extra=extra,
               deviations=augmentation_deviations(cfg) + extra.pop("deviations", []))
     try:
         print(f"{attack}: resolved configuration\n{format_config(cfg)}")
         fix_random(cfg["random_seed"])
-        device = pick_device(cfg["device"])
         precision = Precision(device, cfg["amp"], cfg["channels_last"])
         run.update_meta(device=str(device), precision=precision.description)   # what --amp gave on this hardware
-        t0 = time.time()
-        dataset = load_dataset(cfg["dataset"], cfg["dataset_path"])
         info = dataset.info
-        plan = plan_poison(dataset.y_train, info.num_classes, cfg["pratio"], cfg["p_num"], cfg["attack_label_trans"],
-                           cfg["attack_target"], cfg["attack_label_shift_amount"], cfg["reserve_ratio"],
-                           cfg["reserve_rule"], cfg["random_seed"])
-        data = build_poisoned_data(dataset, trigger, plan)
         print(f"data: {info.name}, {len(data.train_indices)} training samples ({len(plan.poison_indices)} poisoned, "
               f"{len(plan.reserve_indices)} reserved), {len(data.y_test)} clean and {len(data.y_bd_test)} poisoned test "
               f"samples; ready in {time.time() - t0:.1f}s; device {device}, {precision.description}")

@@ -6,13 +6,13 @@ Every key is declared once as an Opt with a type, a default and a range check; u
 out-of-range values are errors that name the key and what is allowed.
 """
 import argparse
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
-
 from utils.errors import UserError
+from utils.io import read_yaml as read_yaml_file
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "config"
@@ -90,25 +90,35 @@ def _coerce(opt: Opt, value, where: str):
 
 
 def read_yaml(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of key: value")
-    return data
+    return read_yaml_file(path, "config file")
 
 
 RUN_FLAGS = ("yaml_path", "overwrite", "resume")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors (one line, and catchable by the sweep's checks), and whose unknown
+    options name the closest known ones."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see `python {self.prog} --help`")
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            known = [s for a in self._actions for s in a.option_strings]
+            flags = [a.split("=", 1)[0] for a in extra if a.startswith("-")] or extra[:1]
+            close = difflib.get_close_matches(flags[0], known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            self.error(f"unknown option {' '.join(flags)}{hint}" if flags[0].startswith("-") else
+                       f"unexpected argument {flags[0]!r}")
+        return ns
+
+
 def build_parser(prog: str, opts: list, description: str = "") -> argparse.ArgumentParser:
     # allow_abbrev off: `--trig blend` must not silently mean --trigger
-    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=prog, description=description, allow_abbrev=False,
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--yaml_path", default=None, help="a YAML file of settings, above the defaults, below the command line")
     p.add_argument("--overwrite", action="store_true", help="replace an existing record of the same name")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")

@@ -71,6 +71,70 @@ def labels_digest(y: torch.Tensor) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Downloads: a minute without data is a failure with a message, never a wait for ever.
+
+DOWNLOAD_TIMEOUT = 60.0   # seconds without any data from the server
+
+
+class DownloadError(Exception):
+    def __init__(self, message, timed_out=False):
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+def fetch(url: str, dest: Path, md5=None, timeout=None):
+    """url -> dest, written atomically (a .part file renamed at the end), with a progress bar; gives up after
+    `timeout` seconds (DOWNLOAD_TIMEOUT) in which the server sends nothing."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from tqdm import tqdm
+    timeout = DOWNLOAD_TIMEOUT if timeout is None else timeout
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f".{dest.name}.part")
+    digest = hashlib.md5()
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "backdoor-toolkit"})
+        with urllib.request.urlopen(request, timeout=timeout) as r, open(part, "wb") as f, \
+                tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                     desc=dest.name, leave=False, disable=None) as bar:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    except (socket.timeout, TimeoutError) as e:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"the download of {url} timed out: no data for {timeout:g} s", timed_out=True) from e
+    except (urllib.error.URLError, OSError) as e:
+        part.unlink(missing_ok=True)
+        reason = getattr(e, "reason", e)
+        timed_out = isinstance(reason, (socket.timeout, TimeoutError))
+        what = f"timed out: no data for {timeout:g} s" if timed_out else f"failed ({reason})"
+        raise DownloadError(f"the download of {url} {what}", timed_out) from e
+    if md5 and digest.hexdigest() != md5:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"the download of {url} is corrupt (MD5 {digest.hexdigest()}, expected {md5})")
+    os.replace(part, dest)
+
+
+def download_archive(url: str, folder: Path, md5, name: str):
+    """Download and extract an archive into folder; returns None, or what went wrong (one phrase)."""
+    from torchvision.datasets.utils import extract_archive
+    archive = folder / url.rsplit("/", 1)[-1]
+    print(f"{name}: not on disk, downloading {url} ...")
+    try:
+        fetch(url, archive, md5)
+        extract_archive(str(archive), str(folder))
+    except DownloadError as e:
+        print(f"{name}: {e}")
+        return str(e)
+    except Exception as e:   # a damaged archive
+        return f"extracting {archive} failed: {type(e).__name__}: {e}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Readers, one per on-disk format. Each returns (x_train, y_train, x_test, y_test) as numpy arrays.
 
 IDX_FILES = {
@@ -113,30 +177,35 @@ def _idx_path(folder: Path, stem: str) -> Path:
 
 
 def read_mnist_like(root: Path, name: str, download: bool):
-    folder = _find_idx_folder(root, name)
+    folder, failure = _find_idx_folder(root, name), None
     if folder is None and download:
-        folder = _download_mnist_like(root, name)
+        folder, failure = _download_mnist_like(root, name)
     if folder is None:
         hint = ("run `sh sh/install.sh` (it copies Debian's dataset-fashion-mnist package there)"
-                if name == "fashion_mnist" else "download it (torchvision.datasets.MNIST does) or copy the files there")
-        raise UserError(f"dataset {name} not found: expected the four idx files "
-                        f"({', '.join(v + '[.gz]' for v in IDX_FILES.values())}) in {root / name}/; {hint}, "
+                if name == "fashion_mnist" else "download them elsewhere and copy them there")
+        raise UserError(f"dataset {name} not found{' (' + failure + ')' if failure else ''}: put the four idx files "
+                        f"({', '.join(v + '[.gz]' for v in IDX_FILES.values())}) in {root / name}/ by hand; {hint}, "
                         "or point --dataset_path at the folder that holds them")
     arrays = {k: read_idx(_idx_path(folder, v)) for k, v in IDX_FILES.items()}
     return arrays["train_x"][:, None], arrays["train_y"], arrays["test_x"][:, None], arrays["test_y"]
 
 
 def _download_mnist_like(root: Path, name: str):
+    """The four idx files from torchvision's mirrors (its list and checksums) into <root>/<name>/raw/."""
     import torchvision
     cls = torchvision.datasets.FashionMNIST if name == "fashion_mnist" else torchvision.datasets.MNIST
-    try:
-        print(f"{name}: not on disk, trying torchvision's download into {root / name} ...")
-        cls(str(root / name), train=True, download=True)
-        cls(str(root / name), train=False, download=True)
-    except Exception as e:  # no network, mirror down, ...
-        print(f"{name}: download failed ({type(e).__name__}: {str(e)[:200]})")
-        return None
-    return _find_idx_folder(root, name)
+    folder = root / name / "raw"
+    print(f"{name}: not on disk, downloading into {folder} ...")
+    for filename, md5 in cls.resources:
+        for i, mirror in enumerate(cls.mirrors):
+            try:
+                fetch(mirror + filename, folder / filename, md5)
+                break
+            except DownloadError as e:
+                print(f"{name}: {e}")
+                if e.timed_out or i == len(cls.mirrors) - 1:
+                    return None, str(e)
+    return _find_idx_folder(root, name), None
 
 
 def _unpickle(path: Path):
@@ -161,17 +230,14 @@ def read_cifar(root: Path, name: str, download: bool):
     folder_name, train_files, test_files, label_key, url, md5 = CIFAR[name]
     folder = root / name / folder_name
     needed = [folder / f for f in train_files + test_files]
+    failure = None
     if not all(p.exists() for p in needed) and download:
-        try:
-            from torchvision.datasets.utils import download_and_extract_archive
-            print(f"{name}: not on disk, downloading {url} ...")
-            download_and_extract_archive(url, str(root / name), md5=md5)
-        except Exception as e:
-            print(f"{name}: download failed ({type(e).__name__}: {str(e)[:200]})")
+        failure = download_archive(url, root / name, md5, name)
     missing = [p for p in needed if not p.exists()]
     if missing:
-        raise UserError(f"dataset {name} not found: expected {missing[0]} (the python version of the archive, "
-                        f"{url}, extracted into {root / name}/); download it there or point --dataset_path at it")
+        raise UserError(f"dataset {name} not found{' (' + failure + ')' if failure else ''}: expected {missing[0]}; "
+                        f"download the python version of the archive ({url}) elsewhere, extract it into {root / name}/ "
+                        "by hand, or point --dataset_path at the folder that holds it")
 
     def load(files):
         xs, ys = [], []
@@ -231,16 +297,13 @@ def read_gtsrb(root: Path, download: bool):
 def read_tiny(root: Path, download: bool):
     base = root / "tiny" / "tiny-imagenet-200"
     url = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+    failure = None
     if not (base / "train").is_dir() and download:
-        try:
-            from torchvision.datasets.utils import download_and_extract_archive
-            print(f"tiny: not on disk, downloading {url} ...")
-            download_and_extract_archive(url, str(root / "tiny"))
-        except Exception as e:
-            print(f"tiny: download failed ({type(e).__name__}: {str(e)[:200]})")
+        failure = download_archive(url, root / "tiny", None, "tiny")
     if not (base / "train").is_dir() or not (base / "val").is_dir():
-        raise UserError(f"dataset tiny not found: expected {base}/train and {base}/val (from {url}); "
-                        "put them there or point --dataset_path at them")
+        raise UserError(f"dataset tiny not found{' (' + failure + ')' if failure else ''}: expected {base}/train and "
+                        f"{base}/val; download {url} elsewhere and extract it into {root / 'tiny'}/ by hand, or point "
+                        "--dataset_path at the folder that holds it")
     wnids_file = base / "wnids.txt"
     wnids = (wnids_file.read_text().split() if wnids_file.exists()
              else sorted(p.name for p in (base / "train").iterdir() if p.is_dir()))

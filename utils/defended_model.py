@@ -148,28 +148,16 @@ def refuse_defended(model, method: str):
 
 def load_defense_model(path, device="cpu"):
     """The model a defense record's model.pt holds, in eval mode: a DefendedModel for PDB, a plain model otherwise."""
-    from models import build_model
-    from utils.record import FORMAT_VERSION, load_model_file
+    from utils.record import build_from_file, read_model_file
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
-    if not path.exists():
-        raise UserError(f"{path} not found")
-    try:
-        d = torch.load(path, weights_only=True, map_location=device)
-    except Exception as e:
-        raise UserError(f"{path} is not a weights-only model file ({type(e).__name__}); it was not written by this toolkit") from None
+    d = read_model_file(path, device)
     if d.get("defense") != "pdb":
-        return load_model_file(path, device)[0]
-    if d.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has record format version {d.get('format_version')}, this toolkit reads version "
-                        f"{FORMAT_VERSION}; make the record again with this version")
-    missing = [k for k in ("inner_state_dict", "model_name", "num_classes", "input_shape", "mean", "std", *WRAPPER_KEYS)
-               if k not in d]
+        return build_from_file(d, path, "state_dict", device)
+    missing = [k for k in WRAPPER_KEYS if k not in d]
     if missing:
         raise UserError(f"{path} is a PDB model file without {', '.join(missing)}; it is damaged: run the defense again")
-    inner = build_model(d["model_name"], d["num_classes"], d["input_shape"][0], d["mean"], d["std"], d.get("width"))
-    inner.load_state_dict(d["inner_state_dict"])
-    inner = inner.to(device)
+    inner = build_from_file(d, path, "inner_state_dict", device)
     model = DefendedModel(inner, d["input_shape"], **{k: d[k] for k in WRAPPER_KEYS})
     return model.to(device).eval()

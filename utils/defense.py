@@ -5,15 +5,15 @@ import re
 from dataclasses import dataclass
 
 import torch
-import yaml
 
 from utils.config import (CONFIG_DIR, Opt, build_parser, cli_values, format_config, in_range, read_yaml, resolve,
                           spec_deviations)
 from utils.errors import UserError
 from utils.metrics import der, rir
 from utils.plots import curves_figure
-from utils.poison import defender_clean_subset
-from utils.record import Run, check_attack_record, load_attack_record, model_payload
+from utils.poison import defender_clean_subset, read_index_file
+from utils.record import check_attack_record, load_attack_record, model_payload, record_dataset
+from utils.run_folder import Run, is_complete, record_path
 from utils.seeding import fix_random
 from utils.train import EvalSets, Precision, device_check, evaluate_backdoor, pick_device
 
@@ -31,10 +31,12 @@ DEFENSE_OPTIONS = [
 RUN_KEYS = {o.name for o in DEFENSE_OPTIONS}
 
 
-def defense_config(defense: str, method_opts: list, argv=None, description="", config_dir=None, spec_for=None):
+def defense_config(defense: str, method_opts: list, argv=None, description="", config_dir=None, spec_for=None,
+                   dataset=None):
     """Resolve a defense's settings. The dataset comes from the attack record, which is checked first.
     spec_for(cfg, dataset) -> the spec's per-dataset values; every setting that departs from the spec is put in
-    args.deviations (written into config.yaml by open_defense)."""
+    args.deviations (written into config.yaml by open_defense). `dataset`: for checking a command whose attack record
+    does not exist yet (a sweep's defense job before its attack has run); a record that exists is used as always."""
     opts = DEFENSE_OPTIONS + method_opts
     args = build_parser(f"defense/{defense}.py", opts, description).parse_args(argv)
     cli = cli_values(args)
@@ -43,8 +45,8 @@ def defense_config(defense: str, method_opts: list, argv=None, description="", c
     if not result_file:
         raise UserError(f"--result_file is required: the attack record to defend, e.g. "
                         f"`python defense/{defense}.py --result_file badnet_demo`")
-    path = check_attack_record(result_file)
-    dataset = yaml.safe_load((path / "config.yaml").read_text())["config"]["dataset"]
+    if dataset is None or is_complete(record_path(result_file)):
+        dataset = record_dataset(check_attack_record(result_file))
     folder = CONFIG_DIR / "defense" / (config_dir or defense)
     file = folder / f"{dataset}.yaml"
     if not file.exists():
@@ -113,6 +115,8 @@ def open_defense(defense: str, cfg: dict, args, out_name=None, deviations=()) ->
     device = pick_device(cfg["device"])
     precision = Precision(device, cfg["amp"], cfg["channels_last"])
     record = load_attack_record(cfg["result_file"], cfg["dataset_path"], device="cpu")
+    if cfg.get("index"):   # the clean-subset file is read before anything is written or moved aside
+        read_index_file(cfg["index"], len(record.data.y_train_true))
     run = Run(record.path / "defense" / (out_name or defense), defense, cfg, overwrite=args.overwrite,
               resume=args.resume, deviations=[*getattr(args, "deviations", []), *deviations],
               extra={"attack_record": str(record.path), "attack": record.poison["attack"]})

@@ -1,7 +1,9 @@
-"""Atomic file writes (temporary file in the same folder, then rename) and a log tee.
+"""Atomic file writes (temporary file in the same folder, then rename), readers that turn an unreadable or damaged
+file into one line naming it, and a log tee.
 
 A crash or kill mid-write leaves either the old file or the new one, never half of one.
 """
+import csv
 import io
 import json
 import os
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from utils.errors import UserError
 
 
 def atomic_write_bytes(path, data: bytes):
@@ -48,9 +52,70 @@ def atomic_torch_save(obj, path):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+# --- readers: a damaged or unreadable file is one line naming it, never a traceback -------------------------------
+
+DAMAGED = "the file is damaged: make it again (or restore it from a copy)"
+
+
+def read_bytes(path, what="file") -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not a file") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def read_text(path, what="file") -> str:
+    try:
+        return read_bytes(path, what).decode()
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not text (UTF-8); {DAMAGED}") from None
+
+
+def read_json(path, what="file"):
+    """A JSON file holding a mapping."""
+    try:
+        data = json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e.msg}, line {e.lineno}); {DAMAGED}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} holds a {type(data).__name__}, not a mapping; {DAMAGED}")
+    return data
+
+
+def read_yaml(path, what="file") -> dict:
+    """A YAML file holding a mapping (an empty file is an empty mapping)."""
+    try:
+        data = yaml.safe_load(read_text(path, what))
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{what} {path} is not valid YAML ({first}); {DAMAGED}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a mapping of key: value, not a {type(data).__name__}")
+    return data
+
+
+def read_csv_rows(path, what="file") -> list:
+    try:
+        return list(csv.DictReader(io.StringIO(read_text(path, what))))
+    except csv.Error as e:
+        raise UserError(f"{what} {path} is not valid CSV ({e}); {DAMAGED}") from None
+
+
+def load_weights(path, what="file", device="cpu"):
+    """torch.load with weights_only=True: tensors and plain containers only, never code."""
+    raw = read_bytes(path, what)
+    try:
+        return torch.load(io.BytesIO(raw), weights_only=True, map_location=device)
+    except Exception as e:  # truncated zip, a pickle of objects, another format
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:120]
+        raise UserError(f"{what} {path} is not a weights-only tensor file this toolkit can read "
+                        f"({type(e).__name__}: {first}); {DAMAGED}") from None
 
 
 class Tee:

@@ -136,21 +136,29 @@ def build_poisoned_data(dataset, trigger: Trigger, plan: PoisonPlan) -> Poisoned
         bd_test_indices=bd_idx, num_classes=k)
 
 
+def read_index_file(path, n: int) -> torch.Tensor:
+    """A file of training indices, one a line (index.txt's format), each in 0..n-1 and listed once."""
+    from utils.io import read_text
+    text = read_text(path, "index file")
+    try:
+        idx = torch.tensor([int(w) for w in text.split()], dtype=torch.int64)
+    except ValueError as e:
+        raise UserError(f"index file {path}: {e}; it must list one training index per line") from None
+    if len(idx) == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise UserError(f"index file {path} must list indices in 0..{n - 1}")
+    if len(idx.unique()) != len(idx):
+        raise UserError(f"index file {path} lists {len(idx) - len(idx.unique())} indices more than once; "
+                        "list each training index once")
+    return idx
+
+
 def defender_clean_subset(data: PoisonedData, ratio: float, balanced: bool, seed: int, index_file=None):
     """The defender's clean data (conventions §8): (indices, source). Images are data.x_train_clean[indices]
     and labels data.y_train_true[indices]."""
     from utils.seeding import generator
     n, k = len(data.y_train_true), data.num_classes
     if index_file:
-        try:
-            idx = torch.tensor([int(line) for line in open(index_file).read().split()], dtype=torch.int64)
-        except (OSError, ValueError) as e:
-            raise UserError(f"index file {index_file}: {e}; it must list one training index per line") from None
-        if len(idx) == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
-            raise UserError(f"index file {index_file} must list indices in 0..{n - 1}")
-        if len(idx.unique()) != len(idx):
-            raise UserError(f"index file {index_file} lists {len(idx) - len(idx.unique())} indices more than once; "
-                            "list each training index once")
+        idx = read_index_file(index_file, n)
         poisoned = idx[data.poison_indicator[idx] == 1]
         if len(poisoned):
             print(f"warning: {len(poisoned)} indices of {index_file} were poisoned in the attacker's training set "

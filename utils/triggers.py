@@ -79,8 +79,12 @@ def pattern_png_bytes(pattern: torch.Tensor) -> bytes:
 
 def read_pattern_png(path) -> torch.Tensor:
     from PIL import Image
-    with Image.open(path) as im:
-        a = np.array(im, dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            a = np.array(im, dtype=np.uint8)
+    except Exception as e:  # truncated or not an image
+        raise UserError(f"record file {path} is not a readable PNG ({type(e).__name__}); the file is damaged: make the "
+                        "record again") from None
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(a))
 
