@@ -3,13 +3,8 @@ A thin entry point: the same code and options as `python attack/bypass.py --trig
 
     python attack/blend_bypass.py --save_folder_name bypass_blend_demo
 """
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from attack import bypass  # noqa: E402
-from utils.errors import run_main  # noqa: E402
+from attack import bypass
+from utils.errors import run_main
 
 
 def configure(argv=None):

@@ -2,33 +2,32 @@
 arXiv 1905.13409): ordinary BadNets or Blended data poisoning, trained together with a discriminator D that tries
 to tell poisoned from clean samples from the classifier's penultimate features. The classifier minimises
 CE - lambda * BCE(D(h), p), i.e. it learns the task and the backdoor while defeating D, so that the backdoor
-hides in feature space from latent-space defenses. Spec: ../shared/specs/bypass.md.
+hides in feature space from latent-space defenses. Spec: docs/specs/bypass.md.
 
     python attack/bypass.py --trigger badnet --save_folder_name bypass_badnet_demo
     python attack/bypass.py --trigger blend --save_folder_name bypass_blend_demo
 
 attack/badnet_bypass.py and attack/blend_bypass.py (the original repository's names) run this same code.
 """
-import pathlib
-import sys
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from models import build_model
+from utils.attack import Training, attack_config, run_attack, split_train_metrics
+from utils.config import Opt, in_range, spec_deviations
+from utils.data import DATASETS
+from utils.engine.augment import to_unit
+from utils.engine.epoch import batch_indices, progress
+from utils.engine.loop import GeneratorState
+from utils.engine.optim import scheduler_step
+from utils.errors import UserError, run_main
+from utils.io import load_weights
+from utils.registry import register
+from utils.seeding import generator
+from utils.trigger_options import BLEND_OPTIONS, PATCH_OPTIONS, make_blend_trigger, make_patch_trigger
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from attack import badnet, blend  # noqa: E402
-from models import build_model  # noqa: E402
-from utils.attack import attack_config, run_attack, split_train_metrics  # noqa: E402
-from utils.config import Opt, in_range, spec_deviations  # noqa: E402
-from utils.data import DATASETS  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.io import load_weights  # noqa: E402
-from utils.seeding import generator  # noqa: E402
-from utils.train import GeneratorState, batch_indices, progress, scheduler_step, to_unit  # noqa: E402
-
-TRIGGERS = {"badnet": badnet, "blend": blend}   # the plain attacks whose trigger options and make_trigger we reuse
+TRIGGERS = {"badnet": make_patch_trigger, "blend": make_blend_trigger}   # BadNets' and Blended's triggers
 
 
 def parse_widths(v):
@@ -52,7 +51,7 @@ BYPASS_OPTIONS = [
     Opt("disc_input_noise", float, 0.0, "std of Gaussian noise on D's input features in training (paper/ART: 1; "
         "original code: 0)", check=in_range(0)),
 ]
-OPTIONS = BYPASS_OPTIONS + badnet.OPTIONS + blend.OPTIONS
+OPTIONS = BYPASS_OPTIONS + PATCH_OPTIONS + BLEND_OPTIONS
 
 
 # --- the discriminator -------------------------------------------------------------------------------
@@ -221,22 +220,22 @@ def discriminator_info(cfg, feature_dim):
                     "BCE logs clamped at -100", "update_order": "classifier step, then D step, every batch"}
 
 
-def setup_bypass(ctx):
-    """Called by run_attack once the classifier exists: adds D and its optimiser to the checkpointed state, D's
-    weights to model.pt, and D's held-out metrics to every evaluation."""
+def bypass_training(ctx) -> Training:
+    """Called by run_attack once the classifier exists: D and its optimiser join the checkpoint, D's weights go to
+    model.pt, D's held-out metrics to every evaluation, and the epoch is Bypass's alternating one."""
     device = ctx.x_train.device
     b = ctx.cfg["batch_size"]
     if not ctx.cfg["drop_last"] and len(ctx.y_train) % b == 1:
         raise UserError(f"the last batch would hold one sample ({len(ctx.y_train)} = k x {b} + 1), which the "
                         "discriminator's BatchNorm cannot train on; keep --drop_last true or change --batch_size")
     disc, disc_opt, noise_gen = build_discriminator(ctx.model, ctx.cfg, device)
-    ctx.state.update(discriminator=disc, disc_optimizer=disc_opt, disc_noise_gen=GeneratorState(noise_gen))
-    # state_dict() shares storage with D's tensors (updated in place), so model.pt gets the final weights
-    ctx.payload["discriminator_state_dict"] = disc.state_dict()
-    ctx.payload["discriminator"] = discriminator_info(ctx.cfg, ctx.model.feature_dim)
-    ctx.payload["_evaluate"] = lambda: held_out_disc_metrics(ctx.model, disc, ctx.eval_sets, ctx.precision,
-                                                             ctx.cfg["eval_batch_size"])
-    return lambda c: bypass_epoch(c, disc, disc_opt)
+    return Training(
+        epoch=lambda c: bypass_epoch(c, disc, disc_opt),
+        evaluate=lambda: held_out_disc_metrics(ctx.model, disc, ctx.eval_sets, ctx.precision, ctx.cfg["eval_batch_size"]),
+        state={"discriminator": disc, "disc_optimizer": disc_opt, "disc_noise_gen": GeneratorState(noise_gen)},
+        payload=lambda: {"discriminator_state_dict": disc.state_dict(),
+                         "discriminator": discriminator_info(ctx.cfg, ctx.model.feature_dim)},
+        show=("disc_auc",))
 
 
 def feature_dim_of(cfg):
@@ -258,22 +257,18 @@ def load_discriminator(model_file, device="cpu"):
     return disc.to(device).eval()
 
 
+@register("bypass_badnet", "attack", paper="Tan & Shokri, arXiv 1905.13409", needs=("dataset",), options=OPTIONS,
+          args=("--trigger", "badnet"), summary="adversarial embedding on the BadNets trigger")
+@register("bypass_blend", "attack", paper="Tan & Shokri, arXiv 1905.13409", needs=("dataset",), options=OPTIONS,
+          args=("--trigger", "blend"), summary="adversarial embedding on the Blended trigger")
 def configure(argv=None, trigger=None):
     """Every setting resolved and checked and the trigger made, nothing written (the sweep checks its jobs with this).
-    trigger: fixed by the entry points badnet_bypass.py / blend_bypass.py."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if trigger is not None:
-        given = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-                 for i, a in enumerate(argv) if a == "--trigger" or a.startswith("--trigger=")]
-        if any(g != trigger for g in given):
-            raise UserError(f"this entry point runs Bypass with the {trigger} trigger; for another trigger use "
-                            f"`python attack/bypass.py --trigger <badnet|blend>`")
-        argv = ["--trigger", trigger] + argv
-    cfg, args = attack_config("bypass", OPTIONS, argv, __doc__)
+    trigger: pinned by the entry points badnet_bypass.py / blend_bypass.py."""
+    cfg, args = attack_config("bypass", OPTIONS, argv, __doc__, fixed={"trigger": trigger} if trigger else None)
     auto = f"bypass_{cfg['dataset']}_{cfg['model']}_{cfg['pratio']}_{cfg['random_seed']}"
     if cfg["save_folder_name"] == auto:     # the default name: say which trigger
         cfg["save_folder_name"] = f"bypass_{cfg['trigger']}_{auto[len('bypass_'):]}"
-    trig, meta = TRIGGERS[cfg["trigger"]].make_trigger(cfg)
+    trig, meta = TRIGGERS[cfg["trigger"]](cfg)
     # the spec's values are the options' defaults (= config/attack/bypass/default.yaml)
     deviations = spec_deviations(OPTIONS, cfg, skip={"trigger"})
     if cfg["disc_input_noise"] > 0:
@@ -287,7 +282,7 @@ def configure(argv=None, trigger=None):
 def main(argv=None, trigger=None):
     cfg, args, trig, meta, extra = configure(argv, trigger)
     return run_attack("bypass", cfg, args, trig, {**meta, "bypass_trigger": cfg["trigger"]},
-                      setup_epoch=setup_bypass, extra_config=extra)
+                      training=bypass_training, extra_config=extra)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,14 @@ ASR (RA). A record's own model on its own trigger is the attack; the other cells
 """
 import argparse
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.record import load_attack_record, load_record_model  # noqa: E402
-from utils.train import EvalSets, Precision, evaluate_backdoor, pick_device  # noqa: E402
+from utils.errors import UserError, run_main
+from utils.record import load_attack_record, load_record_model
+from utils.engine.device import Precision, pick_device
+from utils.engine.evaluate import EvalSets, evaluate_backdoor
 
 
 @torch.no_grad()

@@ -20,9 +20,8 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from utils.errors import UserError, run_main  # noqa: E402
+from utils.errors import UserError, run_main
 
 CODE = ("attack", "defense", "utils", "models", "config", "sh", "sweep", "analysis", "bench")
 
@@ -51,7 +50,7 @@ def write_small_fmnist(dst: pathlib.Path):
 def run(repo, cmd, timeout=600):
     t0 = time.time()
     p = subprocess.run(cmd, cwd=repo, shell=True, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     return p.returncode, (lines[-1] if lines else "(nothing on stderr)"), time.time() - t0
 

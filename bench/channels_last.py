@@ -7,17 +7,14 @@ machine: PreAct-ResNet-18 runs at 23 img/s with it and 21 img/s without).
     python bench/channels_last.py --models resnet18 --shape 3 32 32 --steps 3
 """
 import argparse
-import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from models import build_model  # noqa: E402
-from utils.errors import run_main  # noqa: E402
+from models import build_model
+from utils.errors import run_main
 
 
 def images_per_second(name, shape, batch, steps, channels_last):

@@ -1,6 +1,6 @@
 """Benchmark (not a test): one training epoch of three pipelines on the same model, data and precision.
 
-1. real:         this toolkit's pipeline (uint8 tensors, batched augmentation, utils.train.train_epoch_supervised)
+1. real:         this toolkit's pipeline (uint8 tensors, batched augmentation, utils.engine.epoch.train_epoch_supervised)
 2. bare:         forward/backward/step on pre-made float tensors (no augmentation, no indexing): the floor
 3. conventional: per-image PIL transforms (RandomCrop) in a torch DataLoader with worker processes, as
                  BackdoorBench's pipeline does
@@ -9,21 +9,20 @@
     python bench/pipeline.py --model preactresnet18 --limit 6000
 """
 import argparse
-import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from models import build_model  # noqa: E402
-from utils.data import load_dataset  # noqa: E402
-from utils.poison import build_poisoned_data, plan_poison  # noqa: E402
-from utils.train import Precision, random_crop_flip, train_epoch_supervised  # noqa: E402
-from utils.triggers import Trigger, badnet_pattern  # noqa: E402
-from utils.errors import run_main  # noqa: E402
+from models import build_model
+from utils.data import load_dataset
+from utils.poison import build_poisoned_data, plan_poison
+from utils.engine.augment import random_crop_flip
+from utils.engine.device import Precision
+from utils.engine.epoch import train_epoch_supervised
+from utils.triggers import Trigger, badnet_pattern
+from utils.errors import run_main
 
 
 class PILDataset(torch.utils.data.Dataset):

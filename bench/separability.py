@@ -18,20 +18,18 @@ For each record, on eval-mode, un-augmented penultimate features M.features(x):
 """
 import argparse
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from attack.bypass import Discriminator, disc_scores, load_discriminator, penultimate_features, roc_auc  # noqa: E402
-from utils.errors import run_main  # noqa: E402
-from utils.io import load_weights, read_csv_rows  # noqa: E402
-from utils.record import load_attack_record  # noqa: E402
-from utils.seeding import generator  # noqa: E402
-from utils.train import Precision, pick_device  # noqa: E402
+from attack.bypass import Discriminator, disc_scores, load_discriminator, penultimate_features, roc_auc
+from utils.errors import run_main
+from utils.io import load_weights, read_csv_rows
+from utils.record import load_attack_record
+from utils.seeding import generator
+from utils.engine.device import Precision, pick_device
 
 
 def half_split(n_pos, n_neg, gen):

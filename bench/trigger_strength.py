@@ -15,16 +15,16 @@ weights only. --plot FILE also draws the curves.
 """
 import argparse
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.metrics import accuracy  # noqa: E402
-from utils.record import load_attack_record, load_record_model, record_path  # noqa: E402
-from utils.train import Precision, pick_device, predict, to_unit  # noqa: E402
+from utils.errors import UserError, run_main
+from utils.metrics import accuracy
+from utils.record import load_attack_record, load_record_model, record_path
+from utils.engine.augment import to_unit
+from utils.engine.device import Precision, pick_device
+from utils.engine.evaluate import predict
 
 STRENGTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 

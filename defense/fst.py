@@ -7,15 +7,15 @@ tuning modes share one loop); this entry point is that code with ft_mode fixed t
 
 Settings: config/defense/ft/<dataset>.yaml; output: record/<attack record>/defense/fst/.
 """
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from defense import ft  # noqa: E402
-from utils.errors import run_main  # noqa: E402
 
 
+from defense import ft
+from utils.errors import run_main
+from utils.registry import register
+
+
+@register("fst", "defense", paper="Min et al., NeurIPS 2023", needs=("trained_model", "clean_subset"), options=ft.OPTIONS,
+          summary="Feature Shift Tuning: re-initialised head pushed away from the backdoored one while tuning")
 def configure(argv=None, dataset=None):
     return ft.configure(argv, dataset, fixed_mode="fst", description=__doc__)
 

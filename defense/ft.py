@@ -19,28 +19,30 @@ which share the same loop:
     python defense/ft.py --result_file badnet_demo --yaml_path config/defense/ft/backdoorbench_fashion_mnist.yaml
 
 The last line is BackdoorBench's FT baseline (5% clean data, 100 epochs, SGD 0.01, wd 5e-4, cosine with
-T_max 100), a configuration of mode ft written to defense/ft-bb/. Spec: ../shared/specs/ft_family.md.
+T_max 100; on tiny 200 epochs with ReduceLROnPlateau on the training loss), a configuration of mode ft written
+to defense/ft-bb/. Spec: docs/specs/ft_family.md.
 """
 import math
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils.config import Opt, in_range  # noqa: E402
-from utils.defense import defense_config, finish_defense, open_defense  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.metrics import accuracy  # noqa: E402
-from utils.seeding import generator  # noqa: E402
-from utils.train import GeneratorState, batch_indices, fit, progress, random_crop_flip, to_unit  # noqa: E402
+from utils.config import Opt, in_range
+from utils.defense import defense_config, finish_defense, open_defense
+from utils.errors import UserError, run_main
+from utils.metrics import accuracy
+from utils.seeding import generator
+from utils.engine.augment import random_crop_flip, to_unit
+from utils.engine.epoch import batch_indices, progress
+from utils.engine.loop import GeneratorState, Phase, fit
+from utils.options import clean_subset_options
+from utils.registry import register
 
 MODES = ("ft", "lp", "fe-tuning", "ft-init", "fst")
 REINIT = {"fe-tuning", "ft-init", "fst"}            # modes that start from a fresh random head
 TRAINS_BACKBONE = {"ft", "fe-tuning", "ft-init", "fst"}
 TRAINS_HEAD = {"ft", "lp", "ft-init", "fst"}
+SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau")
 
 
 def _check_smooth(v):
@@ -59,12 +61,15 @@ OPTIONS = [
     Opt("batch_size", int, 128, "tuning batch size (shuffled, last batch kept)", check=in_range(1)),
     Opt("momentum", float, 0.9, "SGD momentum", check=in_range(0, 1)),
     Opt("weight_decay", float, 0.0, "SGD weight decay (the FST original uses none)", check=in_range(0)),
+    Opt("lr_scheduler", str, "CosineAnnealingLR", "per-epoch lr schedule: cosine, or ReduceLROnPlateau on the "
+        "epoch's mean training loss (BackdoorBench's FT on tiny)", choices=SCHEDULERS),
     Opt("cos_t_max", int, None, "T_max of the per-epoch cosine schedule (default: epochs)",
         check=_check_positive),
-    Opt("split_ratio", float, 0.02, "clean tuning data as a fraction of the full training set",
-        check=in_range(0, 1, lo_open=True)),
-    Opt("balanced", bool, True, "class-balanced clean subset (false: a uniform draw)"),
-    Opt("index", str, None, "a file of training indices, one a line, used instead of the draw"),
+    Opt("plateau_factor", float, 0.1, "ReduceLROnPlateau: lr multiplier on a plateau (torch's default, as in "
+        "BackdoorBench)", check=in_range(0, 1, lo_open=True, hi_open=True)),
+    Opt("plateau_patience", int, 10, "ReduceLROnPlateau: epochs without improvement of the training loss tolerated "
+        "before the lr is cut (torch's default, as in BackdoorBench)", check=in_range(0)),
+    *clean_subset_options(ratio=0.02, ratio_key="split_ratio", balanced=True, what="clean tuning data"),
     Opt("project_head_norm", bool, True, "after every step, in every mode, rescale the head weight to norm C"),
     Opt("reinit_rescale", bool, False, "rescale a re-initialised head to norm C at once (BackdoorBenchER)"),
     Opt("freeze_bn_stats", bool, False, "BatchNorm layers of frozen parts run in eval mode (no statistics update)"),
@@ -113,16 +118,34 @@ def project_head_norm_(head: torch.nn.Linear, norm: float):
     head.weight.mul_(norm / head.weight.float().norm())
 
 
+def smoothed_cross_entropy(logits, y, eps: float) -> torch.Tensor:
+    """The FST original's label smoothing (spec §6, defect 10): target 1 - eps on the true class and eps / (K - 1)
+    on each other one, in fp32. PyTorch's built-in puts eps / K on every class (1 - eps + eps / K on the true one)."""
+    logp = logits.float().log_softmax(1)
+    target = torch.full_like(logp, eps / (logp.shape[1] - 1)).scatter_(1, y.unsqueeze(1), 1.0 - eps)
+    return -(target * logp).sum(1).mean()
+
+
 def tuning_loss(logits, y, head_weight, w_ori, mode: str, alpha: float, lb_smooth):
-    """(total, ce, reg). Label smoothing acts on the CE only; the FST term stays (spec §6, item 3)."""
-    ce = F.cross_entropy(logits.float(), y, label_smoothing=lb_smooth or 0.0)
+    """(total, ce, reg). Label smoothing acts on the CE only; the FST term stays (spec §6, item 3).
+    lb_smooth none (or 0): plain cross-entropy, exactly as without the option."""
+    ce = smoothed_cross_entropy(logits, y, lb_smooth) if lb_smooth else F.cross_entropy(logits.float(), y)
     reg = fst_penalty(head_weight, w_ori, alpha) if mode == "fst" else torch.zeros((), device=ce.device)
     return ce + reg, ce, reg
 
 
+def make_schedule(optimizer, cfg):
+    """Cosine (the FST original's, and BackdoorBench's on cifar10/cifar100/gtsrb), or ReduceLROnPlateau in mode min
+    (BackdoorBench's config/defense/ft/tiny.yaml, built by its factory with torch's defaults)."""
+    if cfg["lr_scheduler"] == "ReduceLROnPlateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg["plateau_factor"],
+                                                          patience=cfg["plateau_patience"])
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["cos_t_max"] or cfg["epochs"])
+
+
 class Tuner:
     """The attacked model prepared for one mode: w_ori and C taken before anything changes, the head
-    re-initialised where the mode says, parameters frozen, optimiser and cosine schedule over the rest."""
+    re-initialised where the mode says, parameters frozen, optimiser and lr schedule over the rest."""
 
     def __init__(self, model, cfg, precision):
         self.model, self.cfg, self.precision, self.mode = model, cfg, precision, cfg["ft_mode"]
@@ -137,8 +160,7 @@ class Tuner:
         self.bn_frozen = frozen_batchnorms(model) if cfg["freeze_bn_stats"] else []
         self.optimizer = torch.optim.SGD(self.params, lr=cfg["lr"], momentum=cfg["momentum"],
                                          weight_decay=cfg["weight_decay"])
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
-                                                                    T_max=cfg["cos_t_max"] or cfg["epochs"])
+        self.scheduler = make_schedule(self.optimizer, cfg)
 
     def train_mode(self):
         # BN statistics update in every mode, as in the original; freeze_bn_stats is the opt-out
@@ -157,11 +179,18 @@ class Tuner:
             project_head_norm_(self.model.head, self.norm)
         return logits.detach(), ce.item(), reg.item()
 
+    def scheduler_step(self, mean_loss: float):
+        """Once per epoch; ReduceLROnPlateau watches the epoch's mean training loss."""
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(mean_loss)
+        else:
+            self.scheduler.step()
+
     def epoch(self, x, y, shuffle_gen, augment):
         """One pass over the tuning set, then the scheduler step. Returns the epoch's row of training stats."""
         lr = self.optimizer.param_groups[0]["lr"]
         self.train_mode()
-        sums, seen, correct = {"ce": 0.0, "reg": 0.0}, 0, 0.0
+        sums, seen, correct, batch_loss, batches = {"ce": 0.0, "reg": 0.0}, 0, 0.0, 0.0, 0
         for idx in progress(batch_indices(len(y), self.cfg["batch_size"], shuffle_gen), f"{self.mode}"):
             dev = idx.to(x.device)
             logits, ce, reg = self.step(augment(to_unit(x[dev])), y[dev])
@@ -170,7 +199,9 @@ class Tuner:
             sums["reg"] += reg * n
             correct += accuracy(logits.argmax(1), y[dev]) * n
             seen += n
-        self.scheduler.step()
+            batch_loss, batches = batch_loss + ce + reg, batches + 1
+        # the plateau watches the mean over batches of the batch loss, as BackdoorBench's trainer does
+        self.scheduler_step(batch_loss / batches)
         ce, reg = sums["ce"] / seen, sums["reg"] / seen
         row = {"lr": lr, "train_loss": ce + reg, "train_ce": ce}
         if self.mode == "fst":
@@ -194,27 +225,43 @@ SPEC_BY_DATASET = {
     "tiny": {"epochs": 15, "lr": 0.001, "alpha": 0.001, "split_ratio": 0.05},
 }
 SPEC_FT_BB = {"ft_mode": "ft", "out_name": "ft-bb", "epochs": 100, "batch_size": 256, "lr": 0.01,
-              "weight_decay": 5e-4, "cos_t_max": 100, "split_ratio": 0.05, "balanced": False,
-              "project_head_norm": False}
+              "weight_decay": 5e-4, "lr_scheduler": "CosineAnnealingLR", "cos_t_max": 100, "split_ratio": 0.05,
+              "balanced": False, "project_head_norm": False}
+# tiny (BackdoorBench's config/defense/ft/tiny.yaml): 200 epochs, ReduceLROnPlateau with torch's factor and
+# patience, stepped on the epoch's mean training loss; no cosine, so cos_t_max is unused (none)
+SPEC_FT_BB_TINY = {**{k: v for k, v in SPEC_FT_BB.items() if k != "cos_t_max"}, "epochs": 200,
+                   "lr_scheduler": "ReduceLROnPlateau", "plateau_factor": 0.1, "plateau_patience": 10}
 
 
 def spec_for(cfg, dataset):
     chosen = {"ft_mode": cfg["ft_mode"], "out_name": cfg["out_name"]}   # choices, not deviations
-    if cfg["out_name"] == "ft-bb":
-        return {**SPEC_FT_BB, **({"epochs": 200} if dataset == "tiny" else {}), **chosen}
+    if cfg["out_name"] == "ft-bb":   # the dataset's row under it: mode ft ignores alpha, so its value is no deviation
+        bb = SPEC_FT_BB_TINY if dataset == "tiny" else SPEC_FT_BB
+        return {**SPEC_BY_DATASET.get(dataset, {}), **bb, **chosen}
     return {**SPEC_BY_DATASET.get(dataset, {}), **chosen}
 
 
+NEEDS = ("trained_model", "clean_subset")
+PAPER = "Min et al., NeurIPS 2023"
+
+
+@register("ft", "defense", PAPER, "vanilla fine-tuning of the whole model on clean data", OPTIONS, NEEDS,
+          args=("--ft_mode", "ft"))
+@register("lp", "defense", PAPER, "linear probing: the head alone retrained on clean data", OPTIONS, NEEDS,
+          args=("--ft_mode", "lp"))
+@register("fe-tuning", "defense", PAPER, "FE-tuning: a new head frozen, the feature extractor tuned", OPTIONS, NEEDS,
+          args=("--ft_mode", "fe-tuning"))
+@register("ft-init", "defense", PAPER, "FT-init: a re-initialised head, the whole model tuned", OPTIONS, NEEDS,
+          args=("--ft_mode", "ft-init"))
+@register("ft-bb", "defense", "BackdoorBench (Wu et al., NeurIPS 2022)", "BackdoorBench's FT baseline (mode ft, "
+          "its recipe)", OPTIONS, NEEDS, args=("--yaml_path", "config/defense/ft/backdoorbench_{dataset}.yaml"),
+          requires=("config/defense/ft/backdoorbench_{dataset}.yaml",), out="ft-bb", listed=False)
 def configure(argv=None, dataset=None, fixed_mode=None, description=__doc__):
     """Every setting resolved and checked, nothing written (the sweep checks its jobs with this).
     fixed_mode: set by defense/fst.py, which is this code with ft_mode = fst."""
     name = "fst" if fixed_mode == "fst" else "ft"
-    cfg, args = defense_config(name, OPTIONS, argv, description, config_dir="ft", spec_for=spec_for, dataset=dataset)
-    if fixed_mode:
-        if cfg["ft_mode"] not in (None, fixed_mode):
-            raise UserError(f"defense/{name}.py runs ft_mode {fixed_mode} only (got {cfg['ft_mode']}); "
-                            f"use `python defense/ft.py --ft_mode {cfg['ft_mode']}` for the other modes")
-        cfg["ft_mode"] = fixed_mode
+    cfg, args = defense_config(name, OPTIONS, argv, description, config_dir="ft", spec_for=spec_for, dataset=dataset,
+                               fixed={"ft_mode": fixed_mode} if fixed_mode else None)
     if cfg["ft_mode"] is None:
         raise UserError("--ft_mode is required: one of " + ", ".join(MODES) +
                         " (e.g. `python defense/ft.py --result_file badnet_demo --ft_mode fst`)")
@@ -229,7 +276,7 @@ def main(argv=None, fixed_mode=None, description=__doc__):
     mode = cfg["ft_mode"]
     t_max = cfg["cos_t_max"] or cfg["epochs"]
     notes = []
-    if cfg["epochs"] > t_max:
+    if cfg["lr_scheduler"] == "CosineAnnealingLR" and cfg["epochs"] > t_max:
         notes.append(f"cos_t_max {t_max} < epochs {cfg['epochs']}: the cosine schedule climbs back towards lr "
                           f"{cfg['lr']} after epoch {t_max} (BackdoorBench's fixed T_max, reproduced)")
     ctx = open_defense(cfg["out_name"] or mode, cfg, args)
@@ -249,8 +296,8 @@ def main(argv=None, fixed_mode=None, description=__doc__):
         augment = lambda b: random_crop_flip(b, aug_gen, cfg["crop_padding"], hflip)
         state = {"model": model, "optimizer": tuner.optimizer, "scheduler": tuner.scheduler, "precision": ctx.precision,
                  "shuffle_gen": GeneratorState(shuffle_gen), "aug_gen": GeneratorState(aug_gen)}
-        rows = fit(ctx.run, cfg["epochs"], lambda e: tuner.epoch(x, y, shuffle_gen, augment),
-                   lambda: ctx.evaluate(model), state)
+        rows = fit(ctx.run, Phase("tune", cfg["epochs"], lambda e: tuner.epoch(x, y, shuffle_gen, augment),
+                                  lambda: ctx.evaluate(model)), state)
         last = rows[-1]
         return finish_defense(ctx, rows, ctx.plain_payload(model),
                               {"ft_mode": mode, "alpha": cfg["alpha"] if mode == "fst" else None,

@@ -1,34 +1,35 @@
 """PDB, Proactive Defensive Backdoor (Wei, Zha, Wu, "Mitigating Backdoor Attack by Injecting Proactive Defensive
-Backdoor", NeurIPS 2024, arXiv 2405.16112; specification: ../shared/specs/pdb.md).
+Backdoor", NeurIPS 2024, arXiv 2405.16112; specification: docs/specs/pdb.md).
 
 A training-time defense. The defender trains a new model from scratch on the (possibly poisoned) training set
 and injects its own backdoor: a defensive trigger of value 2.0, outside [0, 1] so that no valid image carries
 it, makes the model answer h(y) = (y + k) mod K. At inference every input is stamped with that trigger and the
 output is mapped back with h^-1; the defensive trigger dominates the attacker's, whose backdoor stays silent,
-while clean accuracy survives because h is invertible. The result is a DefendedModel (utils/defended_model.py):
+while clean accuracy survives because h is invertible. The result is a DefendedModel (defense/pdb_model.py):
 the raw network is never the deployed model.
 
     python defense/pdb.py --result_file badnet_demo
 """
 import math
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from models import MODELS, build_model  # noqa: E402
-from utils.config import Opt, in_range  # noqa: E402
-from utils.data import dataset_info  # noqa: E402
-from utils.defended_model import DefendedModel, check_shift, defensive_mask  # noqa: E402
-from utils.defense import defense_config, finish_defense, open_defense  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.poison import class_balanced_draw  # noqa: E402
-from utils.seeding import generator  # noqa: E402
-from utils.train import (GeneratorState, batch_indices, fit, make_optimizer, make_scheduler, progress,  # noqa: E402
-                         random_crop_flip, scheduler_step, to_unit)
+from models import MODELS, build_model
+from utils.config import Opt, in_range
+from utils.data import dataset_info
+from defense.pdb_model import DefendedModel, check_shift, defensive_mask
+from utils.defense import defense_config, finish_defense, open_defense
+from utils.errors import UserError, run_main
+from utils.poison import class_balanced_draw
+from utils.seeding import generator
+from utils.engine.augment import random_crop_flip, random_rotation, to_unit, uniform
+from utils.engine.epoch import batch_indices, progress
+from utils.engine.loop import GeneratorState, Phase, fit
+from utils.engine.optim import make_optimizer, make_scheduler, scheduler_step
+from utils.options import recipe_options
+from utils.registry import register
 
 
 def parse_range(v):
@@ -46,15 +47,7 @@ OPTIONS = [
     # the recipe: a new model trained from scratch (pdb.md §3, §8)
     Opt("model", str, "preactresnet18", "architecture trained from scratch", choices=tuple(MODELS)),
     Opt("model_width", int, None, "base width (default: the attack's when the architecture is the same)", check=in_range(1)),
-    Opt("epochs", int, 100, "training epochs", check=in_range(1)),
-    Opt("batch_size", int, 256, "training batch size (shuffled, drop_last)", check=in_range(1)),
-    Opt("lr", float, 0.01, "initial learning rate", check=in_range(0, lo_open=True)),
-    Opt("client_optimizer", str, "sgd", "optimiser", choices=("sgd", "adam")),
-    Opt("sgd_momentum", float, 0.9, "SGD momentum", check=prob),
-    Opt("wd", float, 5e-4, "weight decay", check=in_range(0)),
-    Opt("lr_scheduler", str, "CosineAnnealingLR", "schedule, stepped once per epoch",
-        choices=("CosineAnnealingLR", "ReduceLROnPlateau", "none")),
-    Opt("cos_t_max", int, 100, "T_max of the cosine (BackdoorBench: 100; shorter recipes set their epochs)", check=in_range(1)),
+    *recipe_options(epochs=100, batch_size=256, drop_last=None),   # shuffled, the last batch always dropped
     # the defensive data (§2)
     Opt("ratio", float, 0.1, "size of D_cl as a fraction of the training set, class-stratified",
         check=in_range(0, 1, lo_open=True)),
@@ -138,54 +131,27 @@ def epoch_batches(n_ordinary, n_defensive, frequency, batch_size, gen):
 
 # --- 2. augmentation, batched, in pixel space, never clamped (§7) ---------------------------------------------
 
-def _rand(gen, n, device):
-    return torch.rand(n, generator=gen, device=gen.device).to(device)
-
-
 def crop_flip(x, gen, cfg):
     """RandomCrop(padding, zero fill) and RandomHorizontalFlip(flip_prob), for every training sample."""
     x = random_crop_flip(x, gen, cfg["crop_padding"], flip=False)
     if cfg["flip_prob"] > 0:
-        flip = _rand(gen, len(x), x.device) < cfg["flip_prob"]
+        flip = uniform(gen, len(x), x.device) < cfg["flip_prob"]
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x
-
-
-def rotate_by(x, angle):
-    """Rotate each image by its angle (radians, counter-clockwise) about the centre: nearest neighbour, zero fill."""
-    _, _, h, w = x.shape
-    cos, sin = angle.cos(), angle.sin()
-    theta = torch.zeros(len(x), 2, 3, device=x.device)
-    # the rotation in pixel units, written in affine_grid's normalised coordinates (aspect ratio kept)
-    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
-    theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-
-def rotate(x, gen, p, degrees):
-    """RandomRotation(+-degrees) with probability p per sample."""
-    chosen = _rand(gen, len(x), x.device) < p
-    angle = (_rand(gen, len(x), x.device) * 2 - 1) * math.radians(degrees)
-    if not chosen.any():
-        return x
-    x = x.clone()
-    x[chosen] = rotate_by(x[chosen], angle[chosen])
     return x
 
 
 def augment_defensive(x, gen, cfg):
     """Scale (trigger included), noise, rotation, then crop and flip: pdb.md §7, in that order."""
     b, dev = len(x), x.device
-    scaled = _rand(gen, b, dev) < cfg["scale_prob"]
+    scaled = uniform(gen, b, dev) < cfg["scale_prob"]
     lo, hi = cfg["scale_range"]
-    s = lo + (hi - lo) * _rand(gen, b, dev)
+    s = lo + (hi - lo) * uniform(gen, b, dev)
     x = x * torch.where(scaled, s, torch.ones_like(s))[:, None, None, None]   # x * 1.0 is exact
-    noisy = _rand(gen, b, dev) < cfg["noise_prob"]
+    noisy = uniform(gen, b, dev) < cfg["noise_prob"]
     if cfg["aug"] > 0:   # at aug = 0 the step is a no-op, as in the original
         noise = torch.randn(x.shape, generator=gen, device=gen.device).to(dev) * cfg["aug"]
         x = x + noise * noisy[:, None, None, None]
-    x = rotate(x, gen, cfg["rotate_prob"], cfg["rotate_degrees"])
+    x = random_rotation(x, gen, cfg["rotate_prob"], cfg["rotate_degrees"])
     return crop_flip(x, gen, cfg)
 
 
@@ -235,6 +201,8 @@ def train_epoch(model, stream: Stream, optimizer, scheduler, precision, shuffle_
 
 # --- 4. evaluation: the defended model (headline) and the raw model on plain inputs (§9) -----------------------
 
+RAW = ("raw_test_acc", "raw_test_asr", "raw_test_ra")
+
 def evaluate(ctx, defended: DefendedModel):
     d = ctx.evaluate(defended)
     r = ctx.evaluate(defended.inner, prefix="raw_")
@@ -243,6 +211,8 @@ def evaluate(ctx, defended: DefendedModel):
             "clean_test_loss": d["clean_test_loss"], "bd_test_loss": d["bd_test_loss"]}
 
 
+@register("pdb", "defense", paper="Wei et al., NeurIPS 2024", needs=("poisoned_train_set",), options=OPTIONS,
+          summary="Proactive Defensive Backdoor: train a new model with a defensive backdoor of the defender's own")
 def configure(argv=None, dataset=None):
     """Every setting resolved and checked, nothing written (the sweep checks its jobs with this)."""
     cfg, args = defense_config("pdb", OPTIONS, argv, __doc__, dataset=dataset,
@@ -293,15 +263,17 @@ def main(argv=None):
         shuffle_gen, aug_gen = generator(cfg["random_seed"], "shuffle"), generator(cfg["random_seed"], "augmentation")
         state = {"model": inner, "optimizer": optimizer, "scheduler": scheduler, "precision": ctx.precision,
                  "shuffle_gen": GeneratorState(shuffle_gen), "aug_gen": GeneratorState(aug_gen)}
-        rows = fit(run, cfg["epochs"],
-                   lambda e: train_epoch(inner, stream, optimizer, scheduler, ctx.precision, shuffle_gen, aug_gen, cfg),
-                   lambda: evaluate(ctx, defended), state)
+        rows = fit(run, Phase("train", cfg["epochs"],
+                              lambda e: train_epoch(inner, stream, optimizer, scheduler, ctx.precision, shuffle_gen,
+                                                    aug_gen, cfg),
+                              lambda: evaluate(ctx, defended), show=RAW), state)
         return finish_defense(ctx, rows, defended.payload(name, width, info["dataset"]),
                               {"model": name, "defensive_source": source, "n_defensive": len(idx),
                                "same_target_as_attacker": bool(run.meta.get("same_target_as_attacker")),
                                "train_seconds": round(sum(r["seconds"] for r in rows), 2),
                                "attack_train_seconds": ctx.record.summary.get("train_seconds")},
-                              curves_title=f"PDB on {ctx.record.path.name} (dashed: raw model)")
+                              curves_title=f"PDB on {ctx.record.path.name} (dashed: raw model)",
+                              curves=(("raw_test_acc", "raw ACC"), ("raw_test_asr", "raw ASR")), carry=RAW)
     finally:
         ctx.run.close()
 

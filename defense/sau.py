@@ -5,28 +5,29 @@ frozen reference f_r. For every batch of a small clean subset, a per-sample PGD 
 fools *both* models into the *same* wrong label (a shared adversarial example, SAE); f_theta then keeps its clean
 accuracy while unlearning the label the backdoored reference gives those SAEs, with the loss -log(1 - p).
 Everything is in [0, 1] pixel space; the perturbation is not clamped to valid images (as the original).
-Spec: ../shared/specs/sau.md.
+Spec: docs/specs/sau.md.
 
     python defense/sau.py --result_file badnet_demo
 """
-import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from utils.config import Opt, in_range  # noqa: E402
-from utils.defense import defense_config, finish_defense, open_defense  # noqa: E402
-from utils.errors import run_main  # noqa: E402
-from utils.seeding import generator  # noqa: E402
-from utils.train import GeneratorState, batch_indices, fit, predict, progress, to_unit  # noqa: E402
+from utils.config import Opt, in_range
+from utils.defense import defense_config, finish_defense, open_defense
+from utils.errors import run_main
+from utils.seeding import generator
+from utils.engine.augment import to_unit
+from utils.engine.epoch import batch_indices, progress
+from utils.engine.evaluate import predict
+from utils.engine.loop import GeneratorState, Phase, fit
+from utils.options import clean_subset_options
+from utils.registry import register
 
 OPTIONS = [
-    Opt("ratio", float, 0.05, "clean subset size floor(N * ratio), drawn uniformly", check=in_range(0, 1, lo_open=True)),
-    Opt("index", str, None, "file of training indices (one per line) overriding the clean-subset draw"),
+    *clean_subset_options(ratio=0.05),   # floor(N * ratio), drawn uniformly
     Opt("batch_size", int, 256, "batch size over the clean subset (shuffled, last batch kept)", check=in_range(1)),
     Opt("n_rounds", int, 100, "outer epochs over the clean subset", check=in_range(1)),
     Opt("outer_steps", int, 1, "parameter updates per batch of shared adversarial examples", check=in_range(1)),
@@ -181,6 +182,8 @@ def sau_round(model, ref, x_clean, y_clean, optimizer, cfg, precision, gen):
 
 # --- main -----------------------------------------------------------------------------------------------------
 
+@register("sau", "defense", paper="Wei et al., NeurIPS 2023", needs=("trained_model", "clean_subset"), options=OPTIONS,
+          summary="Shared Adversarial Unlearning: unlearn adversarial examples the model shares with its backdoored copy")
 def configure(argv=None, dataset=None):
     """Every setting resolved and checked, nothing written (the sweep checks its jobs with this)."""
     # the options' defaults are the spec's (sau.md §3); tiny has 20 rounds
@@ -206,10 +209,11 @@ def main(argv=None):
             _, m["ra_test_loss"] = predict(model, sets.x_bd, precision, cfg["eval_batch_size"], sets.y_bd_true)
             return m
 
-        rows = fit(ctx.run, cfg["n_rounds"], lambda r: sau_round(model, ref, x_clean, y_clean, optimizer, cfg,
-                                                                 precision, gen),
-                   evaluate, {"model": model, "optimizer": optimizer, "loader_gen": GeneratorState(gen),
-                    "precision": precision}, label="round")
+        rounds = Phase("unlearn", cfg["n_rounds"],
+                       lambda r: sau_round(model, ref, x_clean, y_clean, optimizer, cfg, precision, gen),
+                       evaluate, label="round", show=("shared_fraction",))
+        rows = fit(ctx.run, rounds, {"model": model, "optimizer": optimizer, "loader_gen": GeneratorState(gen),
+                                     "precision": precision})
         round_seconds = sum(r["seconds"] for r in rows)
         pgd_seconds = sum(r["pgd_seconds"] for r in rows)
         return finish_defense(ctx, rows, ctx.plain_payload(model.eval()), {

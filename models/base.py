@@ -41,6 +41,13 @@ class Classifier(nn.Module):
         f = self.features(x)
         return self.head(f), f
 
+    STAGES = ()   # (stage name, dotted module path), in forward order
+
+    def stages(self) -> dict:
+        """The main stages by name, in forward order (BackdoorBench's names for the ResNets)."""
+        modules = dict(self.named_modules())
+        return {name: modules[path] for name, path in self.STAGES}
+
     def head_parameters(self):
         return list(self.head.parameters())
 

@@ -5,6 +5,7 @@ it learns faster than a global 1x1 pooling, at the same cost."""
 from torch import nn
 
 from models.base import Classifier
+from models.registry import register_model
 
 POOL = 2
 
@@ -14,6 +15,8 @@ def conv_bn(cin, cout):
 
 
 class CompactCNN(Classifier):
+    STAGES = (("layer1", "layers.0"), ("layer2", "layers.2"), ("layer3", "layers.4"), ("layer4", "layers.5"))
+
     def __init__(self, num_classes=10, in_channels=1, mean=(0.5,), std=(0.5,), width=8):
         w = width
         super().__init__(mean, std, num_classes, 4 * w * POOL * POOL)
@@ -26,3 +29,8 @@ class CompactCNN(Classifier):
 
     def body(self, z):
         return self.layers(z)
+
+
+@register_model("cnn", default_width=8)
+def cnn(**kw):
+    return CompactCNN(**kw)

@@ -3,11 +3,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Classifier
+from models.registry import register_model
 
 
 class PreActBlock(nn.Module):
-    expansion = 1
-
     def __init__(self, cin, cout, stride=1):
         super().__init__()
         # registration order bn1, conv1, bn2, conv2, shortcut; forward order shortcut, conv1, conv2 (FMP cares)
@@ -27,6 +26,8 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet18(Classifier):
+    STAGES = (("conv1", "conv1"), ("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"), ("layer4", "layer4"))
+
     def __init__(self, num_classes=10, in_channels=3, mean=(0.5,), std=(0.5,), width=64):
         w = width
         super().__init__(mean, std, num_classes, 8 * w)
@@ -44,3 +45,8 @@ class PreActResNet18(Classifier):
         z = self.conv1(z)
         z = self.layer4(self.layer3(self.layer2(self.layer1(z))))  # no final BN/ReLU, as the reference
         return self.pool(z).flatten(1)
+
+
+@register_model("preactresnet18", default_width=64)
+def preactresnet18(**kw):
+    return PreActResNet18(**kw)

@@ -3,6 +3,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Classifier
+from models.registry import register_model
 
 
 class BasicBlock(nn.Module):
@@ -23,6 +24,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(Classifier):
+    STAGES = (("conv1", "conv1"), ("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"), ("layer4", "layer4"))
+
     def __init__(self, num_classes=10, in_channels=3, mean=(0.5,), std=(0.5,), width=64):
         w = width
         super().__init__(mean, std, num_classes, 8 * w)
@@ -40,3 +43,8 @@ class ResNet18(Classifier):
         z = F.relu(self.bn1(self.conv1(z)))
         z = self.layer4(self.layer3(self.layer2(self.layer1(z))))
         return self.pool(z).flatten(1)
+
+
+@register_model("resnet18", default_width=64)
+def resnet18(**kw):
+    return ResNet18(**kw)

@@ -2,6 +2,7 @@
 from torch import nn
 
 from models.base import Classifier
+from models.registry import register_model
 
 CFG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
 
@@ -19,7 +20,14 @@ class VGG19BN(Classifier):
                 cin = cout
         super().__init__(mean, std, num_classes, cin)
         self.layers = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        pools = [i for i, m in enumerate(self.layers) if isinstance(m, nn.MaxPool2d)]
+        self.STAGES = tuple((f"layer{j + 1}", f"layers.{i}") for j, i in enumerate(pools))   # each block ends at its pool
         self.make_head()
 
     def body(self, z):
         return self.layers(z)
+
+
+@register_model("vgg19_bn", default_width=64)
+def vgg19_bn(**kw):
+    return VGG19BN(**kw)

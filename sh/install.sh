@@ -5,8 +5,9 @@ set -e
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-echo "== installing Python requirements"
+echo "== installing Python requirements and this project (editable: scripts run from the repository as typed)"
 "$PY" -m pip install -q -r requirements.txt
+"$PY" -m pip install -q --no-deps -e .
 
 echo "== Fashion-MNIST into data/fashion_mnist/"
 dest=data/fashion_mnist
@@ -38,7 +39,7 @@ else
 fi
 # 3. last resort: torchvision's download (inside load_dataset); this also builds the uint8 cache
 "$PY" -c "
-import sys; sys.path.insert(0, '.')
+import sys
 from utils.errors import UserError
 from utils.data import load_dataset
 try:

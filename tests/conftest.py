@@ -87,3 +87,12 @@ def real_badnet_record(tmp_path_factory, real_subset_root):
     s = make_record(path, real_subset_root, extra=["--epochs", "6", "--cos_t_max", "6", "--batch_size", "64"])
     assert s["test_asr"] > 0.9, s
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_records_untouched():
+    """No test may write into the repository's own record/ folder (they run in temporary folders and copies)."""
+    before = sorted(p.name for p in (REPO / "record").iterdir()) if (REPO / "record").exists() else []
+    yield
+    after = sorted(p.name for p in (REPO / "record").iterdir()) if (REPO / "record").exists() else []
+    assert after == before, f"tests wrote into {REPO / 'record'}: {sorted(set(after) - set(before))}"

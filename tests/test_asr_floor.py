@@ -8,7 +8,7 @@ from bench.asr_floor import floor_table, main, markdown
 from tests.conftest import make_record
 from utils.errors import UserError
 from utils.record import load_attack_record
-from utils.train import Precision
+from utils.engine.device import Precision
 
 
 @pytest.fixture(scope="module")

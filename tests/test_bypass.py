@@ -13,7 +13,7 @@ from models import MODELS, build_model
 from tests.conftest import make_record
 from utils.errors import UserError
 from utils.record import load_attack_record
-from utils.train import Precision
+from utils.engine.device import Precision
 
 FP32 = Precision(torch.device("cpu"), amp=False, channels_last=False)
 CFG = {"random_seed": 0, "disc_hidden": [256, 128], "disc_leaky_slope": 0.2, "disc_lr": 0.001, "disc_momentum": 0.9,
@@ -180,11 +180,12 @@ def test_dataset_layer_sets_lambda_for_fashion_mnist_only():
 def test_record_round_trip_and_a_defense_can_load_it(tmp_path, fake_root, monkeypatch):
     from utils.defense import DEFENSE_OPTIONS, open_defense
     seen = {}
-    setup = bypass.setup_bypass
+    setup = bypass.bypass_training
 
     def spy_setup(ctx):
         seen["ctx"] = ctx
-        return setup(ctx)
+        seen["training"] = setup(ctx)
+        return seen["training"]
 
     step = bypass.bypass_step
 
@@ -193,7 +194,7 @@ def test_record_round_trip_and_a_defense_can_load_it(tmp_path, fake_root, monkey
         seen["lam"] = lam
         return step(model, disc, opt, dopt, x, y, p, lam, precision)
 
-    monkeypatch.setattr(bypass, "setup_bypass", spy_setup)
+    monkeypatch.setattr(bypass, "bypass_training", spy_setup)
     monkeypatch.setattr(bypass, "bypass_step", spy_step)
     path = tmp_path / "bp"
     s = make_record(path, fake_root, "badnet_bypass",
@@ -220,7 +221,7 @@ def test_record_round_trip_and_a_defense_can_load_it(tmp_path, fake_root, monkey
     assert rec.model.feature_dim == 128 and s["test_acc"] == pytest.approx(rec.summary["test_acc"])
     d = bypass.load_discriminator(path / "model.pt")
     assert all(torch.equal(a, b.cpu()) for a, b in zip(d.state_dict().values(),
-                                                       seen["ctx"].state["discriminator"].state_dict().values()))
+                                                       seen["training"].state["discriminator"].state_dict().values()))
     cfg = {o.name: o.default for o in DEFENSE_OPTIONS}
     cfg.update(result_file=str(path), device="cpu")
     dctx = open_defense("bypass_load_check", cfg, argparse.Namespace(overwrite=False, resume=False))

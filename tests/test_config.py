@@ -43,7 +43,7 @@ def test_layering_prototype_default_yaml_cli(tmp_path):
 def test_bad_values_name_the_key_and_what_is_allowed(argv, message):
     with pytest.raises(UserError, match=message):
         c = cfg_of(argv)
-        badnet.make_trigger(c)
+        badnet.make_patch_trigger(c)
 
 
 def test_unknown_yaml_key_names_the_key_and_the_file(tmp_path):

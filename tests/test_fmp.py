@@ -3,17 +3,17 @@ selection rule, pruning by module identity with the BN identity rule, eval-mode 
 import csv
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "defense"))
-import fmp  # noqa: E402
-from models import build_model  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from defense import fmp
+from defense import fmp_ranking as ranking
+from utils.stages import Recorder
+from models import build_model
+from utils.errors import UserError
 
 
 def small(name, width, c=3):
@@ -46,20 +46,20 @@ def expected_forward_order(name):
                                                ("resnet18", 4, 3, 16), ("vgg19_bn", 4, 3, 16)])
 def test_hooks_see_every_conv_once_in_forward_order(name, width, c, size):
     m = small(name, width, c)
-    layers, uncalled = fmp.conv_layers(m, torch.rand(2, c, size, size))
+    layers, uncalled = ranking.conv_layers(m, torch.rand(2, c, size, size))
     names = [n for n, _, _ in layers]
     all_convs = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]
     assert uncalled == [] and sorted(names) == sorted(all_convs) and len(set(names)) == len(names)
     assert names == expected_forward_order(name)
     assert m.training is False
     m.train()
-    fmp.conv_layers(m, torch.rand(2, c, size, size))
+    ranking.conv_layers(m, torch.rand(2, c, size, size))
     assert m.training is True     # the previous mode comes back
 
 
 def test_preactresnet18_has_20_convs_and_4800_maps_and_75_pruned():
     m = small("preactresnet18", 64)
-    layers, _ = fmp.conv_layers(m, torch.rand(1, 3, 8, 8))
+    layers, _ = ranking.conv_layers(m, torch.rand(1, 3, 8, 8))
     assert len(layers) == 20 and sum(ch for *_, ch in layers) == 4800
     names = [n for n, _, _ in layers]
     assert names[:7] == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2",
@@ -79,20 +79,20 @@ def test_a_conv_called_twice_is_an_error_and_an_unused_conv_is_listed():
         def forward(self, x):
             return self.conv(self.conv(x[:, :1]).sum(1, keepdim=True))
 
-    with pytest.raises(UserError, match="called again"):
-        fmp.conv_layers(Twice(), torch.rand(1, 1, 5, 5))
+    with pytest.raises(UserError, match="called more than once"):
+        ranking.conv_layers(Twice(), torch.rand(1, 1, 5, 5))
 
     class Once(Twice):
         def forward(self, x):
             return self.conv(x)
-    layers, uncalled = fmp.conv_layers(Once(), torch.rand(1, 1, 5, 5))
+    layers, uncalled = ranking.conv_layers(Once(), torch.rand(1, 1, 5, 5))
     assert [n for n, _, _ in layers] == ["conv"] and uncalled == ["unused"]
 
 
 def test_in_place_change_of_a_conv_output_is_refused():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True))
     with pytest.raises(UserError, match="in place"):
-        fmp.conv_layers(net, torch.rand(1, 1, 5, 5))
+        ranking.conv_layers(net, torch.rand(1, 1, 5, 5))
 
 
 # --- FGSM --------------------------------------------------------------------------------------------------
@@ -104,24 +104,24 @@ def test_random_start_and_fgsm_images_stay_in_bounds_and_scores_are_multiples_of
     x[:, :, -4:] = 1.0
     y = torch.randint(0, 10, (8,))
     alpha, eps = 0.02, 0.06
-    x0 = fmp.random_start(x, alpha, torch.Generator().manual_seed(0))
+    x0 = ranking.random_start(x, alpha, torch.Generator().manual_seed(0))
     assert x0.min() >= 0 and x0.max() <= 1 and (x0 - x).abs().max() <= alpha + 1e-6
     assert torch.allclose((x0 - x).abs()[:, :, 4:-4], torch.tensor(alpha))  # exactly +-alpha where no clip acts
     low = x0[:, :, :4]
     assert torch.equal(low.unique(), torch.tensor([0.0, alpha]))  # 0 - alpha is clipped to 0, 0 + alpha stays
     x0g = x0.clone().requires_grad_(True)
-    with fmp.ConvRecorder(m) as rec:
+    with Recorder(m, kind=nn.Conv2d) as rec:
         m(x0g)
     out = rec.outputs()[1][2]
-    with torch.no_grad(), fmp.ConvRecorder(m) as rec:
+    with torch.no_grad(), Recorder(m, kind=nn.Conv2d) as rec:
         m(x)
     clean = rec.outputs()[1][2]
-    x_adv = fmp.fgsm_step(x0, fmp.map_gradients(out, clean, x0g, [0, 5, 7]), eps)
+    x_adv = ranking.fgsm_step(x0, ranking.map_gradients(out, clean, x0g, [0, 5, 7]), eps)
     assert x_adv.shape == (3, 8, 1, 28, 28)
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert (x_adv - x).abs().max() <= alpha + eps + 1e-6
     assert (x_adv - x).abs().max() > alpha + eps - 1e-6  # the bound is reached: no projection onto an eps ball
-    ranked = fmp.rank_feature_maps(m, x, y, x0, eps, "batched", 7)
+    ranked = ranking.rank_feature_maps(m, x, y, x0, eps, "batched", 7)
     scores = torch.cat([s for *_, s in ranked])
     assert len(scores) == 44 and torch.equal(scores * 8, (scores * 8).round())
 
@@ -130,19 +130,19 @@ def test_random_start_and_fgsm_images_stay_in_bounds_and_scores_are_multiples_of
 def test_shared_graph_gradient_equals_a_fresh_forward(mode):
     m = small("preactresnet18", 4)
     x = torch.rand(4, 3, 16, 16)
-    x0 = fmp.random_start(x, 0.02, torch.Generator().manual_seed(1))
-    with torch.no_grad(), fmp.ConvRecorder(m) as rec:
+    x0 = ranking.random_start(x, 0.02, torch.Generator().manual_seed(1))
+    with torch.no_grad(), Recorder(m, kind=nn.Conv2d) as rec:
         m(x)
     clean = {n: o for n, _, o in rec.outputs()}
     x0g = x0.clone().requires_grad_(True)
-    with fmp.ConvRecorder(m) as rec:
+    with Recorder(m, kind=nn.Conv2d) as rec:
         m(x0g)
     traced = {n: o for n, _, o in rec.outputs()}
     for layer, chans in [("conv1", [0, 3]), ("layer2.0.shortcut.0", [1, 7]), ("layer4.1.conv2", [2, 31])]:
-        shared = fmp.map_gradients(traced[layer], clean[layer], x0g, chans, mode)
+        shared = ranking.map_gradients(traced[layer], clean[layer], x0g, chans, mode)
         for j, c in enumerate(chans):
             fresh_x0 = x0.clone().requires_grad_(True)
-            with fmp.ConvRecorder(m) as rec:
+            with Recorder(m, kind=nn.Conv2d) as rec:
                 m(fresh_x0)
             out = dict((n, o) for n, _, o in rec.outputs())[layer]
             g = torch.autograd.grad((out[:, c] - clean[layer][:, c]).pow(2).mean(), fresh_x0)[0]
@@ -153,9 +153,9 @@ def test_shared_graph_gradient_equals_a_fresh_forward(mode):
 def test_loop_and_batched_rankings_agree():
     m = small("cnn", 4, 1)
     x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
-    x0 = fmp.random_start(x, 0.02, torch.Generator().manual_seed(0))
-    a = torch.cat([s for *_, s in fmp.rank_feature_maps(m, x, y, x0, 0.06, "loop", 5)])
-    b = torch.cat([s for *_, s in fmp.rank_feature_maps(m, x, y, x0, 0.06, "batched", 16)])
+    x0 = ranking.random_start(x, 0.02, torch.Generator().manual_seed(0))
+    a = torch.cat([s for *_, s in ranking.rank_feature_maps(m, x, y, x0, 0.06, "loop", 5)])
+    b = torch.cat([s for *_, s in ranking.rank_feature_maps(m, x, y, x0, 0.06, "batched", 16)])
     assert torch.equal(a, b)
 
 
@@ -164,7 +164,7 @@ def test_ranking_leaves_batchnorm_statistics_and_mode_unchanged():
     m.train()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     x = torch.rand(4, 3, 8, 8)
-    fmp.rank_feature_maps(m, x, torch.zeros(4, dtype=torch.long), fmp.random_start(x, 0.02, torch.Generator()), 0.06)
+    ranking.rank_feature_maps(m, x, torch.zeros(4, dtype=torch.long), ranking.random_start(x, 0.02, torch.Generator()), 0.06)
     fmp.bn_after_conv(m, x[:1])
     assert m.training
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
@@ -229,7 +229,7 @@ def test_prune_zeroes_exactly_the_selected_slices_of_the_scored_modules():
         nn.init.uniform_(bn.weight, 0.5, 1.5)
         nn.init.uniform_(bn.bias, 0.5, 1.5)
     x = torch.rand(2, 1, 6, 6)
-    layers, _ = fmp.conv_layers(net, x)
+    layers, _ = ranking.conv_layers(net, x)
     assert [n for n, _, _ in layers] == ["a", "b", "c"]
     bn_map = fmp.bn_after_conv(net, x)
     assert bn_map == {"a": ["bn_a"], "c": ["bn_c"]}
@@ -268,7 +268,7 @@ def test_bn_identity_rule_on_the_registered_architectures():
 def test_rank_and_prune_run_on_every_model(name, width, c, size):
     m = small(name, width, c)
     x, y = torch.rand(4, c, size, size), torch.randint(0, 10, (4,))
-    ranked = fmp.rank_feature_maps(m, x, y, fmp.random_start(x, 0.02, torch.Generator()), 0.06, "batched", 32)
+    ranked = ranking.rank_feature_maps(m, x, y, ranking.random_start(x, 0.02, torch.Generator()), 0.06, "batched", 32)
     selection = [(n, ch) for n, _, s in ranked for ch in fmp.select_maps(s, fmp.maps_to_prune(len(s), 1 / 8, 1))]
     before = {k: v.clone() for k, v in m.state_dict().items()}
     bn_map = fmp.bn_after_conv(m, x[:1])
@@ -347,13 +347,14 @@ def test_resume_equals_an_uninterrupted_run(tiny_record, monkeypatch):
     out = Path(tiny_record) / "defense" / "fmp"
     w_full = torch.load(out / "model.pt", weights_only=True)["state_dict"]
 
-    import utils.train as train
-    real_fit = train.fit
+    from utils.run_folder import Run
+    original = Run.save_checkpoint
 
-    def stop_after_one(run, epochs, *a, **k):
-        real_fit(run, 1, *a, **k)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(fmp, "fit", stop_after_one)
+    def save_then_die(self, epoch, state, phase=0):
+        original(self, epoch, state, phase)
+        if phase == 1 and epoch == 1:   # the first fine-tuning epoch
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):   # an interrupted --overwrite puts the complete record back
         fmp.main(args)
     assert (out / "summary.json").exists() and not (out / "checkpoint.pt").exists()
@@ -361,7 +362,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_record, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fmp.main([a for a in args if a != "--overwrite"])
     assert (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
-    monkeypatch.setattr(fmp, "fit", real_fit)
+    monkeypatch.setattr(Run, "save_checkpoint", original)
     monkeypatch.setattr(fmp, "rank_and_prune", lambda *a: pytest.fail("a resumed run must not rank again"))
     resumed = fmp.main([a for a in args if a != "--overwrite"] + ["--resume"])
     w_res = torch.load(out / "model.pt", weights_only=True)["state_dict"]
@@ -375,3 +376,35 @@ def test_short_real_run_lowers_asr(real_badnet_record):
     assert s["attack_test_asr"] > 0.9
     assert s["test_asr"] < 0.5 and s["der"] > 0.65, s
     assert s["test_acc"] > s["attack_test_acc"] - 0.15, s
+
+
+def test_conv2_as_block_output_reproduces_the_originals_ranking_and_bn_set():
+    """Spec §5 defects 11-12: with the option each PreAct block's conv2 is ranked by the block's output (conv2 +
+    shortcut) and the gammas of the BNs that normalise that sum (the next blocks' bn1) are zeroed too: 16 BNs on
+    PreActResNet18 instead of the identity rule's 9."""
+    torch.manual_seed(0)
+    m = build_model("preactresnet18", 10, 3, (0.5,) * 3, (0.5,) * 3, 4).eval()
+    x = torch.rand(2, 3, 16, 16)
+    own, _ = ranking.ranked_outputs(m, x)
+    block, _ = ranking.ranked_outputs(m, x, as_block_output=True)
+    assert [n for n, _, _ in own] == [n for n, _, _ in block] and len(own) == 20
+    with torch.no_grad():
+        b = m.layer2[0]
+        expected = b(m.layer1(m.conv1(m.normalize(x))))
+    got = dict((n, o) for n, _, o in block)["layer2.0.conv2"]
+    assert torch.allclose(got, expected) and not torch.allclose(dict((n, o) for n, _, o in own)["layer2.0.conv2"], got)
+    assert all(torch.equal(o1, o2) for (n, _, o1), (_, _, o2) in zip(own, block) if not n.endswith(".conv2"))
+    assert sum(len(v) for v in fmp.bn_after_conv(m, x).values()) == 9
+    wide = fmp.bn_after_conv(m, x, as_block_output=True)
+    assert sum(len(v) for v in wide.values()) == 16 and wide["layer1.0.conv2"] == ["layer1.1.bn1"]
+    assert "layer4.1.conv2" not in wide   # the last block's sum goes to the pooling, not to a BN
+
+
+def test_ranking_is_fp32_whatever_amp_says(tiny_record):
+    """Spec §5 defect 13: the ranking, and so the selection, is the same with --amp true and false."""
+    out = Path(tiny_record) / "defense"
+    a = fmp.main(["--result_file", str(tiny_record), "--overwrite", *fast("--amp", "true", "--epochs", "1")])
+    ranking_true = (out / "fmp" / "ranking.csv").read_text()
+    b = fmp.main(["--result_file", str(tiny_record), "--overwrite", *fast("--amp", "false", "--epochs", "1")])
+    assert (out / "fmp" / "ranking.csv").read_text() == ranking_true
+    assert a["n_pruned"] == b["n_pruned"]

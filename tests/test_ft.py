@@ -1,6 +1,7 @@
 """The fine-tuning family (defense/ft.py, defense/fst.py): ../shared/specs/ft_family.md §10."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,10 @@ from defense import ft
 from models import build_model
 from tests.conftest import REPO, make_record
 from utils.defense import defense_config
+from utils.engine.device import Precision
 from utils.errors import UserError
 from utils.record import load_attack_record
 from utils.seeding import generator
-from utils.train import Precision
 
 FP32 = Precision(torch.device("cpu"), amp=False, channels_last=False)
 
@@ -150,12 +151,38 @@ def test_label_smoothing_keeps_the_fst_term():
     logits, y = torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     w, w_ori = torch.randn(3, 5), torch.randn(3, 5)
     total, ce, reg = ft.tuning_loss(logits, y, w, w_ori, "fst", 0.2, 0.1)
-    torch.testing.assert_close(ce, F.cross_entropy(logits, y, label_smoothing=0.1))
+    torch.testing.assert_close(ce, ft.smoothed_cross_entropy(logits, y, 0.1))
     torch.testing.assert_close(reg, 0.2 * (w * w_ori).sum())
     torch.testing.assert_close(total, ce + reg)
     assert reg.abs() > 0
     total, ce, reg = ft.tuning_loss(logits, y, w, w_ori, "ft-init", 0.2, None)
     assert reg.item() == 0 and torch.equal(total, ce)
+
+
+def test_label_smoothing_is_the_fst_originals_form():
+    """1 - eps on the true class, eps / (K - 1) on the others (spec §6, defect 10), by hand."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    y, eps, k = torch.tensor([0, 2]), 0.3, 3
+    by_hand = []
+    for row, t in zip(logits.tolist(), y.tolist()):
+        log_z = math.log(sum(math.exp(v) for v in row))
+        logp = [v - log_z for v in row]
+        by_hand.append(-sum(((1 - eps) if j == t else eps / (k - 1)) * logp[j] for j in range(k)))
+    expected = sum(by_hand) / len(by_hand)
+    _, ce, _ = ft.tuning_loss(logits, y, torch.zeros(3, 2), torch.zeros(3, 2), "ft", 0.2, eps)
+    assert ce.item() == pytest.approx(expected, rel=1e-6)
+    builtin = F.cross_entropy(logits, y, label_smoothing=eps).item()       # eps / K everywhere, + 1 - eps on y
+    assert abs(builtin - expected) > 1e-2
+    # the same targets as the built-in form with eps' = eps * K / (K - 1)
+    assert F.cross_entropy(logits, y, label_smoothing=eps * k / (k - 1)).item() == pytest.approx(expected, rel=1e-6)
+    assert ft.smoothed_cross_entropy(logits.half(), y, eps).dtype == torch.float32
+
+
+def test_no_label_smoothing_is_plain_cross_entropy_bit_for_bit():
+    logits, y = torch.randn(16, 10, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 10
+    for off in (None, 0.0):
+        _, ce, _ = ft.tuning_loss(logits, y, torch.zeros(10, 2), torch.zeros(10, 2), "ft", 0.2, off)
+        assert torch.equal(ce, F.cross_entropy(logits.float(), y))
 
 
 # --- head-norm projection ---------------------------------------------------------------------------------------
@@ -184,11 +211,17 @@ def test_projection_leaves_the_bias_alone():
 
 # --- the BackdoorBench FT configuration -------------------------------------------------------------------------
 
+NO_TRAINING_WARNING = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no steps
+
+
+@NO_TRAINING_WARNING
 def test_backdoorbench_config_keeps_t_max_100(tiny_record):
+    """The cosine datasets (cifar10, cifar100, gtsrb and our mnist copies): T_max 100 whatever the epochs."""
     yaml_path = REPO / "config/defense/ft/backdoorbench_fashion_mnist.yaml"
     cfg, _ = defense_config("ft", ft.OPTIONS, ["--result_file", str(tiny_record), "--yaml_path", str(yaml_path),
                                                "--epochs", "200"], config_dir="ft")
     assert (cfg["ft_mode"], cfg["out_name"], cfg["cos_t_max"], cfg["batch_size"]) == ("ft", "ft-bb", 100, 256)
+    assert cfg["lr_scheduler"] == "CosineAnnealingLR"
     assert (cfg["weight_decay"], cfg["split_ratio"], cfg["balanced"], cfg["project_head_norm"]) == (5e-4, 0.05, False, False)
     tuner = ft.Tuner(small_model(), cfg, FP32)
     lrs = []
@@ -197,6 +230,86 @@ def test_backdoorbench_config_keeps_t_max_100(tiny_record):
         tuner.scheduler.step()
     assert lrs[100] == pytest.approx(0.0, abs=1e-9)                # bottom of the cosine at epoch 101
     assert lrs[199] == pytest.approx(0.01, rel=1e-3)               # lr at epoch 200 is back near 0.01
+
+
+def bb_config(dataset, *extra):
+    """BackdoorBench's yaml for `dataset`, resolved as a sweep checks a job whose attack record does not exist yet."""
+    yaml_path = REPO / f"config/defense/ft/backdoorbench_{dataset}.yaml"
+    return defense_config("ft", ft.OPTIONS, ["--result_file", "no_such_record_ft_bb", "--yaml_path", str(yaml_path),
+                                             *extra], config_dir="ft", spec_for=ft.spec_for, dataset=dataset)
+
+
+def test_backdoorbench_tiny_uses_reduce_lr_on_plateau():
+    """BackdoorBench's config/defense/ft/tiny.yaml: ReduceLROnPlateau (torch's factor 0.1, patience 10), 200 epochs."""
+    cfg, args = bb_config("tiny")
+    assert (cfg["epochs"], cfg["lr_scheduler"], cfg["plateau_factor"], cfg["plateau_patience"]) == \
+        (200, "ReduceLROnPlateau", 0.1, 10)
+    assert args.deviations == []
+    sched = ft.Tuner(small_model(), cfg, FP32).scheduler
+    assert isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert (sched.mode, sched.factor, sched.patience) == ("min", 0.1, 10)
+    _, args = bb_config("tiny", "--lr_scheduler", "CosineAnnealingLR", "--cos_t_max", "100")
+    assert any(d.startswith("lr_scheduler = 'CosineAnnealingLR'") for d in args.deviations), args.deviations
+    _, args = bb_config("gtsrb")                                          # cosine stays the spec elsewhere
+    assert args.deviations == []
+    _, args = bb_config("gtsrb", "--lr_scheduler", "ReduceLROnPlateau")
+    assert any(d.startswith("lr_scheduler = 'ReduceLROnPlateau'") for d in args.deviations), args.deviations
+
+
+@NO_TRAINING_WARNING
+def test_plateau_cuts_lr_after_patience_epochs_without_improvement():
+    """A synthetic run whose training loss cannot improve (lr 1e-7): the lr is cut once `patience` epochs have
+    passed without improvement after the best one, and not before."""
+    x, y = data(n=32)
+    cfg = cfg_for("ft", lr=1e-7, lr_scheduler="ReduceLROnPlateau", plateau_patience=2, plateau_factor=0.5,
+                  batch_size=32, project_head_norm=False)
+    tuner = ft.Tuner(small_model(), cfg, FP32)
+    rows = [tuner.epoch(x.mul(255).to(torch.uint8), y, generator(0, "shuffle"), lambda b: b) for _ in range(6)]
+    losses = [r["train_loss"] for r in rows]
+    assert max(losses) - min(losses) < 1e-5 * losses[0]                   # no improvement beyond the threshold
+    # epoch 1 sets the best; epochs 2-4 are 3 > patience bad ones, so the lr is cut after epoch 4
+    assert [r["lr"] for r in rows] == pytest.approx([1e-7] * 4 + [5e-8] * 2, rel=1e-9)
+    # an improving loss never cuts; cosine ignores the loss
+    tuner = ft.Tuner(small_model(), cfg, FP32)
+    for i in range(10):
+        tuner.scheduler_step(1.0 - 0.1 * i)
+    assert tuner.optimizer.param_groups[0]["lr"] == 1e-7
+    cos = ft.Tuner(small_model(), cfg_for("ft", epochs=4), FP32)
+    cos.scheduler_step(123.0)
+    assert cos.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (1 + math.cos(math.pi / 4)) / 2)
+
+
+def test_plateau_resume_equals_an_uninterrupted_run(tiny_record, monkeypatch):
+    """A loss that cannot improve (lr 1e-7, one batch, no augmentation, fp32) and patience 0: the cut after epoch 2
+    needs the best loss of epoch 1, so it happens only if the plateau's state crosses the interruption."""
+    args = ["--result_file", str(tiny_record), "--ft_mode", "ft", "--epochs", "3", "--split_ratio", "0.1",
+            "--batch_size", "64", "--lr", "1e-7", "--crop_padding", "0", "--hflip", "false", "--amp", "false",
+            "--lr_scheduler", "ReduceLROnPlateau", "--plateau_patience", "0", "--plateau_factor", "0.5",
+            "--out_name", "ft-plateau", "--overwrite"]
+    full = ft.main(args)
+    out = Path(tiny_record) / "defense" / "ft-plateau"
+    w_full = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    lr_full = (out / "metrics.csv").read_text().splitlines()
+    real_fit = ft.fit
+
+    def stop_after_one(run, phase, state):
+        import dataclasses
+        real_fit(run, dataclasses.replace(phase, epochs=1), state)
+        raise KeyboardInterrupt
+    shutil.rmtree(out)
+    monkeypatch.setattr(ft, "fit", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        ft.main(args[:-1])
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)["state"]["scheduler"]
+    assert math.isfinite(ck["best"])                                      # the plateau's memory is checkpointed
+    monkeypatch.setattr(ft, "fit", real_fit)
+    resumed = ft.main(args[:-1] + ["--resume"])
+    w_res = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    assert resumed["test_acc"] == full["test_acc"] and resumed["test_asr"] == full["test_asr"]
+    col = lambda lines: [float(line.split(",")[lines[0].split(",").index("lr")]) for line in lines[1:]]
+    assert col(lr_full) == pytest.approx([1e-7, 1e-7, 5e-8], rel=1e-9)
+    assert col((out / "metrics.csv").read_text().splitlines()) == col(lr_full)
 
 
 # --- whole runs on records ------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from models import MODELS, build_model
-from utils.errors import UserError
 from utils.metrics import accuracy, der, rir
 
 
@@ -66,5 +65,5 @@ def test_preactresnet18_shape_of_reference():
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(UserError, match="known models: cnn, preactresnet18"):
+    with pytest.raises(ValueError, match="known models: cnn, preactresnet18"):
         build_model("resnet1000", 10, 3, (0.5,), (0.5,))

@@ -9,11 +9,14 @@ import yaml
 from torch import nn
 
 from defense import pdb
+from defense.pdb_model import DefendedModel, defensive_mask
 from models import build_model
-from utils.defended_model import DefendedModel, defensive_mask, load_defense_model, refuse_defended
+from utils.engine import augment
+from utils.engine.device import Precision
+from utils.engine.evaluate import EvalSets, evaluate_backdoor
 from utils.errors import UserError
-from utils.record import load_attack_record, load_model_file
-from utils.train import EvalSets, Precision, evaluate_backdoor
+from utils.model_file import load_defense_model, load_model_file
+from utils.record import load_attack_record
 
 
 def cnn(k=10, c=1):
@@ -138,9 +141,8 @@ def test_head_editing_methods_refuse_the_defended_model():
     assert not hasattr(d, "head")
     with pytest.raises(UserError, match="PDB defended model"):
         d.head_parameters()
-    with pytest.raises(UserError, match="FST"):
-        refuse_defended(d, "FST")
-    refuse_defended(cnn(), "FST")   # a plain model is fine
+    with pytest.raises(UserError, match="PDB defended model"):
+        d.backbone_parameters()
 
 
 # --- the defensive data ----------------------------------------------------------------------------------
@@ -241,14 +243,14 @@ def test_full_augmentation_never_clamps():
 
 def test_rotation_is_a_rotation_with_zero_fill():
     x = torch.rand(3, 2, 28, 28) + 0.5
-    assert torch.equal(pdb.rotate(x, torch.Generator().manual_seed(0), 1.0, 0.0), x)      # angle 0: identity
+    assert torch.equal(augment.random_rotation(x, torch.Generator().manual_seed(0), 1.0, 0.0), x)      # angle 0: identity
     quarter = torch.full((3,), torch.pi / 2)
-    assert torch.equal(pdb.rotate_by(x, quarter), torch.rot90(x, 1, (2, 3)))              # counter-clockwise
-    r = pdb.rotate_by(x, torch.full((3,), torch.pi / 4))
+    assert torch.equal(augment.rotate_by(x, quarter), torch.rot90(x, 1, (2, 3)))              # counter-clockwise
+    r = augment.rotate_by(x, torch.full((3,), torch.pi / 4))
     assert (r[:, :, 0, 0] == 0).all() and (r[:, :, 14, 14] > 0).all()                     # corners zero-filled
     assert set(r.unique().tolist()) <= set(x.unique().tolist()) | {0.0}                   # nearest: no new values
     g = torch.Generator().manual_seed(0)
-    some = pdb.rotate(x.repeat(20, 1, 1, 1), g, 0.5, 10.0)
+    some = augment.random_rotation(x.repeat(20, 1, 1, 1), g, 0.5, 10.0)
     changed = (some != x.repeat(20, 1, 1, 1)).flatten(1).any(1).float().mean()
     assert 0.25 < changed < 0.75
 

@@ -8,7 +8,7 @@ import torch
 from utils.data import DATASETS
 from utils.errors import UserError
 from utils.poison import build_poisoned_data, defender_clean_subset, plan_poison
-from utils.triggers import Trigger, badnet_pattern
+from utils.triggers import PatchTrigger, badnet_pattern
 
 
 def fake_dataset(n=1000, n_test=300, k=10, shape=(3, 32, 32), seed=0):
@@ -62,7 +62,7 @@ def test_reserve_is_balanced_and_never_poisoned():
 def test_all2one_sets():
     d = fake_dataset()
     p = plan(d)
-    data = build_poisoned_data(d, Trigger("patch", badnet_pattern((3, 32, 32))), p)
+    data = build_poisoned_data(d, PatchTrigger(badnet_pattern((3, 32, 32))), p)
     idx = p.poison_indices
     assert (data.y_train[idx] == 0).all() and data.poison_indicator.sum() == 100
     assert (data.x_train[idx][:, :, -3:, -3:] == 255).all()
@@ -76,24 +76,24 @@ def test_all2one_sets():
 def test_all2all_sets():
     d = fake_dataset()
     p = plan(d, label_trans="all2all", shift=1)
-    data = build_poisoned_data(d, Trigger("patch", badnet_pattern((3, 32, 32))), p)
+    data = build_poisoned_data(d, PatchTrigger(badnet_pattern((3, 32, 32))), p)
     idx = p.poison_indices
     assert torch.equal(data.y_train[idx], (d.y_train[idx] + 1) % 10)
     assert len(data.y_bd_test) == 300
     assert torch.equal(data.y_bd_test, (d.y_test + 1) % 10)
     p3 = plan(d, label_trans="all2all", shift=3)
-    data3 = build_poisoned_data(d, Trigger("patch", badnet_pattern((3, 32, 32))), p3)
+    data3 = build_poisoned_data(d, PatchTrigger(badnet_pattern((3, 32, 32))), p3)
     assert torch.equal(data3.y_bd_test, (d.y_test + 3) % 10)
 
 
 def test_cifar10_shaped_all2one_test_set_has_9000():
     d = fake_dataset(n=200, n_test=10000)
-    data = build_poisoned_data(d, Trigger("patch", badnet_pattern((3, 32, 32))), plan(d, pratio=0.5))
+    data = build_poisoned_data(d, PatchTrigger(badnet_pattern((3, 32, 32))), plan(d, pratio=0.5))
     assert len(data.y_bd_test) == 9000
 
 
 def _data(d, **kw):
-    return build_poisoned_data(d, Trigger("patch", badnet_pattern((3, 32, 32))), plan(d, **kw))
+    return build_poisoned_data(d, PatchTrigger(badnet_pattern((3, 32, 32))), plan(d, **kw))
 
 
 def test_clean_subset_balanced_excludes_poisoned_and_is_reproducible():

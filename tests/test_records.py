@@ -9,12 +9,13 @@ import yaml
 import attack.blend as blend
 from tests.conftest import make_record
 from utils.errors import UserError
-from utils.record import load_attack_record, load_model_file
+from utils.model_file import load_model_file
+from utils.record import load_attack_record
 from utils.run_folder import Run
-from utils.triggers import pattern_png_bytes, blend_noise_pattern
+from utils.triggers import PatchTrigger, blend_noise_pattern, trigger_file_bytes
 
 RECORD_FILES = {"config.yaml", "poison.json", "model.pt", "metrics.csv", "summary.json", "trigger.png", "curves.png",
-                "log.txt", "trigger_pattern.png"}
+                "log.txt", "trigger_pattern.png", "trigger.safetensors", "record.json"}
 
 
 def test_record_files_and_round_trip(tiny_record, fake_root):
@@ -30,14 +31,15 @@ def test_record_files_and_round_trip(tiny_record, fake_root):
     assert cfg["config"]["random_seed"] == 0 and cfg["end_time"] and "torch" in cfg["versions"]
     # weights only: loadable with weights_only=True
     d = torch.load(p / "model.pt", weights_only=True)
-    assert d["model_name"] == "cnn" and d["format_version"] == 1
+    assert d["model_name"] == "cnn" and d["format_version"] == 2
     rec = load_attack_record(p, fake_root)
     poison = json.loads((p / "poison.json").read_text())
     assert rec.data.poison_indicator.sum() == poison["n_poison"] == 60
     assert rec.data.poison_indicator.nonzero().flatten().tolist() == poison["poison_indices"]
     assert (rec.data.x_train[rec.data.poison_indicator == 1][:, :, -3:, -3:] == 255).all()
     # the loaded model reproduces the recorded test accuracy
-    from utils.train import EvalSets, Precision, evaluate_backdoor
+    from utils.engine.device import Precision
+    from utils.engine.evaluate import EvalSets, evaluate_backdoor
     r = evaluate_backdoor(rec.model, EvalSets(rec.data, "cpu"), Precision(torch.device("cpu"), True, True))
     assert r["test_acc"] == pytest.approx(s["test_acc"], abs=1e-6) and r["test_asr"] == pytest.approx(s["test_asr"], abs=1e-6)
 
@@ -54,10 +56,10 @@ def test_changed_pattern_or_labels_are_detected(tiny_record, fake_root, tmp_path
     import shutil
     copy = tmp_path / "copy"
     shutil.copytree(tiny_record, copy)
-    (copy / "trigger_pattern.png").write_bytes(pattern_png_bytes(blend_noise_pattern((1, 28, 28), 3)))
+    (copy / "trigger.safetensors").write_bytes(trigger_file_bytes(PatchTrigger(blend_noise_pattern((1, 28, 28), 3))))
     with pytest.raises(UserError, match="does not match the digest"):
         load_attack_record(copy, fake_root)
-    shutil.copy(tiny_record / "trigger_pattern.png", copy / "trigger_pattern.png")
+    shutil.copy(tiny_record / "trigger.safetensors", copy / "trigger.safetensors")
     poison = json.loads((copy / "poison.json").read_text())
     poison["digests"]["train_labels_sha256"] = "0" * 64
     (copy / "poison.json").write_text(json.dumps(poison))
@@ -116,8 +118,8 @@ def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, fake_ro
     c = tmp_path / "c"
     original = Run.save_checkpoint
 
-    def save_then_die(self, epoch, state):
-        original(self, epoch, state)
+    def save_then_die(self, epoch, state, phase=0):
+        original(self, epoch, state, phase)
         if epoch == 2:
             raise KeyboardInterrupt
     monkeypatch.setattr(Run, "save_checkpoint", save_then_die)
@@ -142,7 +144,7 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_or_restarts(tm
     d = tmp_path / "d"
     original = Run.save_checkpoint
 
-    def die(self, epoch, state):
+    def die(self, epoch, state, phase=0):
         raise KeyboardInterrupt
     monkeypatch.setattr(Run, "save_checkpoint", die)
     with pytest.raises(KeyboardInterrupt):
@@ -161,8 +163,8 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_or_restarts(tm
     # a resumed run's wall time counts the sessions before the interruption
     e = tmp_path / "e"
 
-    def save_then_die(self, epoch, state):
-        original(self, epoch, state)
+    def save_then_die(self, epoch, state, phase=0):
+        original(self, epoch, state, phase)
         if epoch == 1:
             raise KeyboardInterrupt
     monkeypatch.setattr(Run, "save_checkpoint", save_then_die)

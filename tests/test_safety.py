@@ -18,9 +18,9 @@ import pytest
 from attack import badnet
 from tests.conftest import REPO, make_record
 from defense import ft
-from utils import run_folder
 from utils.errors import UserError, run_main
-from utils.run_folder import MARKER, Run, is_record, previous_path, record_path, remove_record
+from utils.record_names import MARKER, is_record, previous_path, record_path, remove_record
+from utils.run_folder import Run
 
 
 def tree_digest(folder: Path) -> dict:
@@ -102,9 +102,14 @@ def repo_copy(tmp_path_factory, fake_root):
     return dst
 
 
+def copy_env(repo):
+    """The copy's own packages first (an editable install of this checkout would otherwise be imported)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+
+
 def run_script(repo, *args, timeout=300):
     return subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=copy_env(repo))
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "./sh", "./utils"])
@@ -170,8 +175,7 @@ def test_sigterm_during_an_overwrite_puts_the_old_record_back(repo_copy, fake_ro
     assert run_script(repo_copy, *base, "--epochs", "1").returncode == 0
     before = tree_digest(rec)
     p = subprocess.Popen([sys.executable, *base, "--epochs", "300", "--overwrite"], cwd=repo_copy,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=copy_env(repo_copy))
     deadline = time.time() + 120
     while not (rec / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.1)
@@ -246,9 +250,9 @@ def test_only_records_of_this_toolkit_are_ever_deleted(tmp_path, capsys, monkeyp
     ("config.yaml", b"- a list\n", "config.yaml must hold a mapping"),
     ("summary.json", b'{"test_acc": 0.9, ', "summary.json is not valid JSON"),
     ("poison.json", b'{"attack": "badnet"', "poison.json is not valid JSON"),
-    ("poison.json", b'{"format_version": 1}', "lacks attack"),
+    ("poison.json", b'{"format_version": 2}', "lacks attack"),
     ("model.pt", b"PK\x03\x04 truncated", "model.pt is not a weights-only"),
-    ("trigger_pattern.png", b"\x89PNG\r\n", "trigger_pattern.png is not a readable PNG"),
+    ("trigger.safetensors", b"\x00" * 16, "trigger.safetensors does not match the digest"),
     ("summary.json", b"\xff\xfe\x00", "summary.json is not text"),
 ])
 def test_damaged_record_files_are_one_line_in_every_reader(defended_record, tmp_path, capsys, name, content, expected):
@@ -299,7 +303,7 @@ def test_a_training_set_smaller_than_a_batch_is_refused_up_front(tmp_path, fake_
 # --- 5. downloads time out --------------------------------------------------------------------------------------
 
 def test_a_download_that_never_answers_times_out_with_a_way_out(tmp_path, monkeypatch):
-    from utils import data
+    from utils import data, dataset_files, download
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(4)            # accepts connections, never answers
@@ -317,8 +321,8 @@ def test_a_download_that_never_answers_times_out_with_a_way_out(tmp_path, monkey
     t.start()
     try:
         url = f"http://127.0.0.1:{server.getsockname()[1]}/cifar-10-python.tar.gz"
-        monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT", 1.0)
-        monkeypatch.setitem(data.CIFAR, "cifar10", data.CIFAR["cifar10"][:4] + (url, None))
+        monkeypatch.setattr(download, "DOWNLOAD_TIMEOUT", 1.0)
+        monkeypatch.setitem(dataset_files.CIFAR, "cifar10", dataset_files.CIFAR["cifar10"][:4] + (url, None))
         t0 = time.time()
         with pytest.raises(UserError) as e:
             data.load_dataset("cifar10", tmp_path)
@@ -353,17 +357,19 @@ def test_sweep_reports_every_bad_job_and_runs_nothing(tmp_path, capsys, monkeypa
     assert "7 job(s) have settings their script refuses" in err and "nothing was run" in err
     assert not (tmp_path / "rec").exists()
     # --skip_invalid keeps exactly the valid jobs
-    cfg = sweep.load_sweep(y)
-    jobs = sweep.expand(cfg, tmp_path / "rec")
+    from sweep.checks import check_jobs, drop_invalid
+    from sweep.jobs import expand, load_sweep
+    jobs = expand(load_sweep(y), tmp_path / "rec")
     every = [j for a in jobs for j in [a, *a.children]]
-    kept = sweep.drop_invalid(jobs, sweep.check_jobs(every))
+    kept = drop_invalid(jobs, check_jobs(every))
     assert [(a.name, [d.name for d in a.children]) for a in kept] == [("badnet_p0.1", ["badnet_p0.1__fst"])]
 
 
 def test_sweep_checks_a_defense_against_its_attacks_dataset(tmp_path):
-    from sweep import run as sweep
+    from sweep.checks import check_jobs
+    from sweep.jobs import expand
     cfg = {"name": "x", "grid": {"attack": ["badnet"], "dataset": ["fashion_mnist"]}, "defenses": ["pdb"],
            "args": {"pdb": {"square_size": 40}}}
-    jobs = sweep.expand(cfg, tmp_path)
-    bad = sweep.check_jobs([j for a in jobs for j in [a, *a.children]])
+    jobs = expand(cfg, tmp_path)
+    bad = check_jobs([j for a in jobs for j in [a, *a.children]])
     assert list(bad) == ["badnet_fashion_mnist__pdb"] and "does not fit 28x28" in bad["badnet_fashion_mnist__pdb"]

@@ -14,7 +14,7 @@ import defense.sau as sau
 from models import build_model
 from utils.config import CONFIG_DIR, read_yaml
 from utils.errors import UserError
-from utils.train import Precision
+from utils.engine.device import Precision
 
 FP32 = Precision(torch.device("cpu"), amp=False, channels_last=False)
 DEFAULTS = {o.name: o.default for o in sau.OPTIONS}

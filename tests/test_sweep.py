@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from analysis.summarize import collect, mean_std, summarize
-from sweep.run import expand, load_sweep
+from sweep.jobs import expand, load_sweep
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_grid_expands_to_named_jobs_with_their_arguments_and_resources(tmp_path)
 
 
 def test_jobs_resume_and_a_complete_record_is_not_run_again(tmp_path):
-    from sweep.run import run_job
+    from sweep.ray_tasks import run_job
     job = expand({"grid": {"attack": "badnet"}, "defenses": "none"}, tmp_path)[0]
     assert job.command()[-1] == "--resume"    # new, interrupted or never checkpointed: the scripts know (test_records)
     job.out.mkdir()
@@ -141,13 +141,11 @@ def test_every_shipped_job_parses_with_its_scripts_own_options(tmp_path):
     assert counts["ft_family"] == (4, 4 * 5) and counts["bypass"] == (2, 2 * 8)
 
 
-def test_missing_defense_scripts_are_skipped_with_a_warning(tmp_path):
-    said = []
+def test_a_defense_script_that_does_not_exist_is_an_error(tmp_path):
     cfg = {"grid": {"attack": "badnet"},
            "defenses": ["pdb", {"later": {"script": "defense/not_written_yet.py"}}]}
-    jobs = expand(cfg, tmp_path, warn=said.append)
-    assert [d.method for d in jobs[0].children] == ["pdb"]
-    assert len(said) == 1 and "later" in said[0] and "not_written_yet.py" in said[0]
+    with pytest.raises(UserError, match="not found: defense/not_written_yet.py"):
+        expand(cfg, tmp_path)
 
 
 def test_bad_sweep_files_are_refused_with_the_key(tmp_path):

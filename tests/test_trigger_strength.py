@@ -7,7 +7,7 @@ import torch
 from bench.trigger_strength import main, partial_trigger, strength_table
 from utils.errors import UserError
 from utils.record import load_attack_record
-from utils.train import Precision
+from utils.engine.device import Precision
 
 CPU = torch.device("cpu")
 

@@ -5,14 +5,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from utils.errors import UserError
-from utils.triggers import Trigger, badnet_pattern, blend_noise_pattern, load_image_pattern, pattern_png_bytes, read_pattern_png
+from utils.triggers import BlendTrigger, PatchTrigger, badnet_pattern, blend_noise_pattern, load_image_pattern, pattern_png_bytes, read_pattern_png
 
 
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (3, 64, 64)])
 def test_badnet_patch_is_exactly_the_bottom_right_3x3(shape):
     c, h, w = shape
     x = torch.full((2, c, h, w), 77, dtype=torch.uint8)
-    out = Trigger("patch", badnet_pattern(shape)).apply(x)
+    out = PatchTrigger(badnet_pattern(shape)).apply(x)
     changed = out != x
     assert changed.sum() == 2 * c * 9
     assert (out[:, :, h - 3:, w - 3:] == 255).all()
@@ -38,13 +38,13 @@ def test_mask_file_reproduces_the_square(tmp_path):
     q = load_image_pattern(f, shape)
     assert torch.equal(p, q)
     x = torch.randint(0, 256, (4, *shape), dtype=torch.uint8)
-    assert torch.equal(Trigger("patch", p).apply(x), Trigger("patch", q).apply(x))
+    assert torch.equal(PatchTrigger(p).apply(x), PatchTrigger(q).apply(x))
 
 
 def test_blend_formula_on_hand_made_values():
     x = torch.tensor([0, 10, 100, 200, 255, 255], dtype=torch.uint8).view(1, 1, 1, 6)
     p = torch.tensor([255, 0, 50, 201, 255, 0], dtype=torch.uint8).view(1, 1, 6)
-    out = Trigger("blend", p, 0.2, 0.2).apply(x)
+    out = BlendTrigger(p, 0.2, 0.2).apply(x)
     expected = [int(np.floor(np.clip(0.8 * a + 0.2 * b, 0, 255))) for a, b in zip(x.flatten().tolist(), p.flatten().tolist())]
     assert out.flatten().tolist() == expected == [51, 8, 90, 200, 255, 204]
 
@@ -54,14 +54,14 @@ def test_blend_formula_on_hand_made_values():
 def test_blend_matches_numpy_float64(a, b, alpha):
     x = torch.tensor([[[[a]]]], dtype=torch.uint8)
     p = torch.tensor([[[b]]], dtype=torch.uint8)
-    out = Trigger("blend", p, alpha, alpha).apply(x).item()
+    out = BlendTrigger(p, alpha, alpha).apply(x).item()
     ref = np.clip((1 - alpha) * np.uint8(a) + alpha * np.uint8(b), 0, 255).astype(np.uint8)
     assert out == int(ref)
 
 
 def test_blend_test_alpha_differs_from_train_alpha():
     x = torch.zeros((1, 1, 2, 2), dtype=torch.uint8)
-    t = Trigger("blend", torch.full((1, 2, 2), 100, dtype=torch.uint8), 0.2, 0.5)
+    t = BlendTrigger(torch.full((1, 2, 2), 100, dtype=torch.uint8), 0.2, 0.5)
     assert t.apply(x, train=True).flatten().tolist() == [20] * 4
     assert t.apply(x, train=False).flatten().tolist() == [50] * 4
 

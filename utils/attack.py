@@ -1,24 +1,31 @@
-"""What every data-poisoning attack shares: its options, the config layering, building the poisoned sets,
-the training recipe of conventions §11, and writing the attack record. An attack file supplies its trigger
-(and, for Bypass, its own epoch)."""
+"""What every data-poisoning attack shares: its options, the config layering, building the poisoned sets, the
+training recipe of conventions §11, and writing the attack record. An attack file supplies its trigger and, when
+its training is not the standard epoch (Bypass), a Training of its own."""
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
 from models import MODELS, build_model
-from utils.config import CONFIG_DIR, Opt, build_parser, cli_values, format_config, in_range, read_yaml, resolve
+from utils.config import CONFIG_DIR, Opt, format_config, in_range, layered_config, read_yaml
 from utils.data import DATASETS, dataset_info, load_dataset
+from utils.engine.augment import random_crop_flip
+from utils.engine.device import Precision, pick_device
+from utils.engine.epoch import train_epoch_supervised
+from utils.engine.evaluate import EvalSets, evaluate_backdoor
+from utils.engine.loop import GeneratorState, Phase, fit
+from utils.engine.optim import make_optimizer, make_scheduler, scheduler_step
 from utils.errors import UserError
 from utils.io import atomic_write_json
+from utils.options import device_options, recipe_options
 from utils.plots import curves_figure, trigger_figure
 from utils.poison import build_poisoned_data, plan_poison
-from utils.record import model_payload
-from utils.run_folder import FORMAT_VERSION, Run, record_path
+from utils.model_file import model_payload
+from utils.record_names import FORMAT_VERSION, record_path
+from utils.run_folder import Run
 from utils.seeding import fix_random, generator
-from utils.train import (EvalSets, GeneratorState, Precision, device_check, evaluate_backdoor, fit, make_optimizer,
-                         make_scheduler, pick_device, random_crop_flip, scheduler_step, train_epoch_supervised)
-from utils.triggers import pattern_png_bytes
+from utils.triggers import pattern_png_bytes, trigger_file_bytes
 
 ATTACK_OPTIONS = [
     Opt("save_folder_name", str, None, "record folder under record/ (default: <attack>_<dataset>_<model>_<pratio>_<seed>)"),
@@ -33,47 +40,35 @@ ATTACK_OPTIONS = [
     Opt("attack_label_shift_amount", int, 1, "all2all label shift s: y -> (y + s) mod K", check=in_range(1)),
     Opt("reserve_ratio", float, 0.0, "class-balanced clean reserve held out for the defender", check=in_range(0, 1, hi_open=True)),
     Opt("reserve_rule", str, "random", "how the reserve is drawn per class", choices=("random", "first")),
-    Opt("epochs", int, 100, "training epochs", check=in_range(1)),
-    Opt("batch_size", int, 128, "training batch size", check=in_range(1)),
-    Opt("drop_last", bool, True, "drop the last incomplete batch"),
-    Opt("lr", float, 0.01, "initial learning rate", check=in_range(0, lo_open=True)),
-    Opt("client_optimizer", str, "sgd", "optimiser", choices=("sgd", "adam")),
-    Opt("sgd_momentum", float, 0.9, "SGD momentum", check=in_range(0, 1)),
-    Opt("wd", float, 5e-4, "weight decay", check=in_range(0)),
-    Opt("lr_scheduler", str, "CosineAnnealingLR", "schedule", choices=("CosineAnnealingLR", "ReduceLROnPlateau", "none")),
-    Opt("cos_t_max", int, 100, "T_max of the cosine schedule (BackdoorBench: 100 whatever the epochs)", check=in_range(1)),
+    *recipe_options(),
     Opt("crop_padding", int, 4, "random-crop padding of the training augmentation (0: no crop)", check=in_range(0)),
     Opt("hflip", bool, None, "random horizontal flip (default: the dataset's rule, on for cifar10 only)"),
-    Opt("device", str, "auto", "auto, cpu, cuda or cuda:<i>", check=device_check),
-    Opt("amp", bool, True, "mixed precision where the hardware supports it (bf16 on CPU)"),
-    Opt("channels_last", bool, True, "channels_last memory format"),
+    *device_options(),
     Opt("random_seed", int, 0, "seed of every random choice", check=in_range(0)),
     Opt("eval_every", int, 1, "evaluate every N epochs (and always after the last)", check=in_range(1)),
-    Opt("eval_batch_size", int, 1024, "evaluation batch size", check=in_range(1)),
 ]
 
 
-def attack_config(attack: str, method_opts: list, argv=None, description=""):
-    """Parse and layer: command line > --yaml_path > config/attack/<attack>/<dataset>.yaml (optional: the method's
-    settings chosen for a dataset without published ones) > config/attack/<attack>/default.yaml > prototype/<dataset>.yaml."""
+def attack_layers(attack: str):
+    """config/attack/prototype/<dataset>.yaml < config/attack/<attack>/default.yaml < config/attack/<attack>/<dataset>.yaml
+    (optional: the method's settings chosen for a dataset without published ones)."""
+    def layers(cli, user):
+        default_file = CONFIG_DIR / "attack" / attack / "default.yaml"
+        default = read_yaml(default_file) if default_file.exists() else {}
+        dataset = str(cli.get("dataset") or user.get("dataset") or default.get("dataset") or "fashion_mnist")
+        dataset_info(dataset)  # unknown dataset: the error lists the known ones
+        files = [CONFIG_DIR / "attack" / "prototype" / f"{dataset}.yaml", default_file,
+                 CONFIG_DIR / "attack" / attack / f"{dataset}.yaml"]
+        return [(str(f.relative_to(CONFIG_DIR.parent)), default if f == default_file else read_yaml(f))
+                for f in files if f.exists()]
+    return layers
+
+
+def attack_config(attack: str, method_opts: list, argv=None, description="", fixed=None):
+    """Parse and layer: command line > --yaml_path > the attack's files (attack_layers); check what depends on the
+    dataset. fixed: options an entry point pins (badnet_bypass.py: trigger badnet)."""
     opts = ATTACK_OPTIONS + method_opts
-    args = build_parser(f"attack/{attack}.py", opts, description).parse_args(argv)
-    cli = cli_values(args)
-    user = read_yaml(args.yaml_path) if args.yaml_path else {}
-    default_file = CONFIG_DIR / "attack" / attack / "default.yaml"
-    default = read_yaml(default_file) if default_file.exists() else {}
-    dataset = cli.get("dataset") or user.get("dataset") or default.get("dataset") or "fashion_mnist"
-    dataset_info(str(dataset))  # unknown dataset: the error lists the known ones
-    proto_file = CONFIG_DIR / "attack" / "prototype" / f"{dataset}.yaml"
-    layers = [(str(proto_file.relative_to(CONFIG_DIR.parent)), read_yaml(proto_file)),
-              (str(default_file.relative_to(CONFIG_DIR.parent)), default)]
-    dataset_file = CONFIG_DIR / "attack" / attack / f"{dataset}.yaml"
-    if dataset_file.exists():
-        layers.append((str(dataset_file.relative_to(CONFIG_DIR.parent)), read_yaml(dataset_file)))
-    if args.yaml_path:
-        layers.append((args.yaml_path, user))
-    layers.append(("command line", cli))
-    cfg = resolve(opts, layers)
+    cfg, args = layered_config(f"attack/{attack}.py", opts, description, argv, attack_layers(attack), fixed)
     k = DATASETS[cfg["dataset"]].num_classes
     if cfg["attack_target"] >= k:
         raise UserError(f"attack_target = {cfg['attack_target']} is out of range; {cfg['dataset']} has {k} classes, "
@@ -89,7 +84,7 @@ def attack_config(attack: str, method_opts: list, argv=None, description=""):
 
 @dataclass
 class AttackContext:
-    """What an attack's training sees (handed to a custom epoch such as Bypass's)."""
+    """What an attack's training sees."""
     cfg: dict
     model: torch.nn.Module
     optimizer: object
@@ -104,15 +99,33 @@ class AttackContext:
     aug_gen: torch.Generator
     augment: object
     eval_sets: EvalSets
-    state: dict = field(default_factory=dict)       # extra objects to checkpoint
-    payload: dict = field(default_factory=dict)     # extra entries of model.pt
 
 
-def standard_epoch(ctx: AttackContext):
+@dataclass
+class Training:
+    """How an attack trains when it is not the standard epoch. Everything optional:
+    epoch(ctx) -> the epoch's row (replaces the standard epoch); batch(ctx, idx) -> (x float, y) builds each
+    training batch of the standard epoch from the indices (per-batch poisoning, noise or cross samples);
+    epoch_start(ctx, epoch) runs before each epoch; evaluate() -> extra test metrics for every row; state: extra
+    objects for the checkpoint; payload() -> extra entries of model.pt; show: metric keys of the epoch line;
+    curves: (key, label) series added to curves.png."""
+    epoch: Optional[Callable] = None
+    batch: Optional[Callable] = None
+    epoch_start: Optional[Callable] = None
+    evaluate: Optional[Callable] = None
+    state: dict = field(default_factory=dict)
+    payload: Optional[Callable] = None
+    show: tuple = ()
+    curves: tuple = ()
+
+
+def standard_epoch(ctx: AttackContext, batch=None):
     """Conventions §11: shuffle, CE on the attack labels, one step per batch, scheduler step at the end."""
     lr = ctx.optimizer.param_groups[0]["lr"]
+    make = (lambda idx: batch(ctx, idx)) if batch is not None else None
     stats, order, preds = train_epoch_supervised(ctx.model, ctx.x_train, ctx.y_train, ctx.optimizer, ctx.precision,
-                                                 ctx.shuffle_gen, ctx.cfg["batch_size"], ctx.cfg["drop_last"], ctx.augment)
+                                                 ctx.shuffle_gen, ctx.cfg["batch_size"], ctx.cfg["drop_last"], ctx.augment,
+                                                 make_batch=make)
     scheduler_step(ctx.scheduler, stats["train_loss"])
     return {"lr": lr, **stats, **split_train_metrics(ctx, order, preds)}
 
@@ -137,13 +150,13 @@ def augmentation_deviations(cfg) -> list:
     return out
 
 
-def prepare_data(cfg, trigger):
+def prepare_data(cfg, trigger, clean_label=False):
     """The clean dataset, the poison plan and the poisoned sets, with every check that needs them (sizes, p_num,
     a training set of at least one batch): all before any file is written or an old record is moved aside."""
     dataset = load_dataset(cfg["dataset"], cfg["dataset_path"])
     plan = plan_poison(dataset.y_train, dataset.info.num_classes, cfg["pratio"], cfg["p_num"], cfg["attack_label_trans"],
                        cfg["attack_target"], cfg["attack_label_shift_amount"], cfg["reserve_ratio"],
-                       cfg["reserve_rule"], cfg["random_seed"])
+                       cfg["reserve_rule"], cfg["random_seed"], clean_label)
     n_train = len(dataset.y_train) - len(plan.reserve_indices)
     if cfg["drop_last"] and n_train < cfg["batch_size"]:
         raise UserError(f"the attacker's training set holds {n_train} samples, fewer than batch_size "
@@ -152,12 +165,31 @@ def prepare_data(cfg, trigger):
     return dataset, plan, build_poisoned_data(dataset, trigger, plan)
 
 
-def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, setup_epoch=None, extra_config=None):
-    """Poison, train, evaluate every epoch, and write the record. setup_epoch(ctx) -> epoch function, for attacks
-    whose training differs from the standard loop (Bypass); it may add to ctx.state and ctx.payload."""
+def attack_context(cfg, model, precision, data, device):
+    tr = data.train_indices
+    hflip = data_hflip(cfg)
+    aug_gen = generator(cfg["random_seed"], "augmentation")
+    optimizer = make_optimizer(model.parameters(), cfg)
+    return AttackContext(
+        cfg, model, optimizer, make_scheduler(optimizer, cfg), precision, data,
+        x_train=data.x_train[tr].to(device), y_train=data.y_train[tr].to(device),
+        indicator=data.poison_indicator[tr].to(device), y_true=data.y_train_true[tr].to(device),
+        shuffle_gen=generator(cfg["random_seed"], "shuffle"), aug_gen=aug_gen,
+        augment=lambda x: random_crop_flip(x, aug_gen, cfg["crop_padding"], hflip),
+        eval_sets=EvalSets(data, device))
+
+
+def data_hflip(cfg):
+    return DATASETS[cfg["dataset"]].hflip if cfg["hflip"] is None else cfg["hflip"]
+
+
+def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, training=None, extra_config=None,
+               clean_label=False):
+    """Poison, train, evaluate every epoch, and write the record. training(ctx) -> Training, for attacks whose
+    training differs from the standard epoch; clean_label: poison target-class samples only, labels kept."""
     path = record_path(cfg["save_folder_name"])
     t0 = time.time()
-    dataset, plan, data = prepare_data(cfg, trigger)
+    dataset, plan, data = prepare_data(cfg, trigger, clean_label)
     device = pick_device(cfg["device"])
     extra = dict(extra_config or {})
     run = Run(path, attack, cfg, overwrite=args.overwrite, resume=args.resume, extra=extra,
@@ -171,56 +203,81 @@ def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, setup_
         print(f"data: {info.name}, {len(data.train_indices)} training samples ({len(plan.poison_indices)} poisoned, "
               f"{len(plan.reserve_indices)} reserved), {len(data.y_test)} clean and {len(data.y_bd_test)} poisoned test "
               f"samples; ready in {time.time() - t0:.1f}s; device {device}, {precision.description}")
-        write_poison_json(run, attack, cfg, trigger, trigger_meta, plan, data)
-        run.write_file("trigger_pattern.png", pattern_png_bytes(trigger.pattern))
-        show = plan.poison_indices[:8]
-        run.write_file("trigger.png", trigger_figure(data.x_train_clean[show], data.x_train[show], data.y_train_true[show],
-                                                     data.y_train[show], f"{attack} on {info.name}"))
-
+        write_trigger(run, attack, cfg, trigger, trigger_meta, plan, data)
         model = precision.prepare_model(build_model(cfg["model"], info.num_classes, info.shape[0], info.mean, info.std,
                                                     cfg["model_width"]))
-        optimizer = make_optimizer(model.parameters(), cfg)
-        scheduler = make_scheduler(optimizer, cfg)
-        tr = data.train_indices
-        hflip = info.hflip if cfg["hflip"] is None else cfg["hflip"]
-        aug_gen = generator(cfg["random_seed"], "augmentation")
-        ctx = AttackContext(
-            cfg, model, optimizer, scheduler, precision, data,
-            x_train=data.x_train[tr].to(device), y_train=data.y_train[tr].to(device),
-            indicator=data.poison_indicator[tr].to(device), y_true=data.y_train_true[tr].to(device),
-            shuffle_gen=generator(cfg["random_seed"], "shuffle"), aug_gen=aug_gen,
-            augment=lambda x: random_crop_flip(x, aug_gen, cfg["crop_padding"], hflip),
-            eval_sets=EvalSets(data, device))
-        epoch_fn = setup_epoch(ctx) if setup_epoch else standard_epoch
-        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "precision": precision,
-                 "shuffle_gen": GeneratorState(ctx.shuffle_gen), "aug_gen": GeneratorState(aug_gen), **ctx.state}
-        evaluate = lambda: {**evaluate_backdoor(model, ctx.eval_sets, precision, cfg["eval_batch_size"]),
-                            **(ctx.payload.get("_evaluate", lambda: {})())}
-        rows = fit(run, cfg["epochs"], lambda e: epoch_fn(ctx), evaluate, state, cfg["eval_every"])
-
-        payload = model_payload(model, cfg["model"], info.shape, cfg["model_width"], info.name)
-        payload.update({k: v for k, v in ctx.payload.items() if not k.startswith("_")})
-        run.save_model(payload)
-        run.write_file("curves.png", curves_figure(rows, f"{attack} on {info.name} ({cfg['model']})"))
-        last = rows[-1]
-        summary = run.finish({"attack": attack, "dataset": info.name, "model": cfg["model"], "pratio": cfg["pratio"],
-                              "test_acc": last["test_acc"], "test_asr": last["test_asr"], "test_ra": last["test_ra"],
-                              "epochs": cfg["epochs"],
-                              "train_seconds": round(sum(r["seconds"] for r in rows), 2)})
-        print(f"\n{attack} done in {summary['seconds']:.1f}s: ACC {summary['test_acc']:.4f}  ASR {summary['test_asr']:.4f}"
-              f"  RA {summary['test_ra']:.4f}\nrecord: {path}")
-        return summary
+        ctx = attack_context(cfg, model, precision, data, device)
+        t = training(ctx) if training else Training()
+        rows = fit(run, attack_phase(ctx, t), {
+            "model": model, "optimizer": ctx.optimizer, "scheduler": ctx.scheduler, "precision": precision,
+            "shuffle_gen": GeneratorState(ctx.shuffle_gen), "aug_gen": GeneratorState(ctx.aug_gen), **t.state})
+        return finish_attack(run, attack, cfg, info, model, rows, t)
     finally:
         run.close()
 
 
-def write_poison_json(run, attack, cfg, trigger, trigger_meta, plan, data):
+def attack_phase(ctx, t: Training) -> Phase:
+    cfg = ctx.cfg
+
+    def epoch(e):
+        if t.epoch_start is not None:
+            t.epoch_start(ctx, e)
+        return t.epoch(ctx) if t.epoch is not None else standard_epoch(ctx, t.batch)
+
+    def evaluate():
+        out = evaluate_backdoor(ctx.model, ctx.eval_sets, ctx.precision, cfg["eval_batch_size"])
+        return {**out, **(t.evaluate() if t.evaluate is not None else {})}
+    return Phase("train", cfg["epochs"], epoch, evaluate, eval_every=cfg["eval_every"], show=t.show)
+
+
+def finish_attack(run, attack, cfg, info, model, rows, t: Training):
+    payload = model_payload(model, cfg["model"], info.shape, cfg["model_width"], info.name)
+    payload.update(t.payload() if t.payload is not None else {})
+    run.save_model(payload)
+    run.write_file("curves.png", curves_figure(rows, f"{attack} on {info.name} ({cfg['model']})", dashed=t.curves))
+    last = rows[-1]
+    summary = run.finish({"attack": attack, "dataset": info.name, "model": cfg["model"], "pratio": cfg["pratio"],
+                          "test_acc": last["test_acc"], "test_asr": last["test_asr"], "test_ra": last["test_ra"],
+                          "epochs": cfg["epochs"], "train_seconds": round(sum(r["seconds"] for r in rows), 2)})
+    print(f"\n{attack} done in {summary['seconds']:.1f}s: ACC {summary['test_acc']:.4f}  ASR {summary['test_asr']:.4f}"
+          f"  RA {summary['test_ra']:.4f}\nrecord: {run.path}")
+    return summary
+
+
+def clean_label_check(plan, data) -> dict:
+    """A clean-label attack poisons target-class samples: how many clean ones the defenders' unpoisoned pool keeps
+    (none when the whole class is poisoned, and then a class-balanced clean subset cannot be drawn)."""
+    tr = data.train_indices
+    in_class = int((data.y_train_true[tr] == plan.target).sum())
+    left = in_class - len(plan.poison_indices)
+    if left < 0.1 * in_class:
+        print(f"warning: only {left} of the {in_class} target-class training samples stay clean: defenses drawing "
+              "from the unpoisoned pool will see (almost) no clean image of the target class; make the attack with "
+              "--reserve_ratio, or give the defense an index file")
+    return {"target_class_size": in_class, "target_class_unpoisoned": left}
+
+
+def write_trigger(run, attack, cfg, trigger, trigger_meta, plan, data):
+    """trigger.safetensors (the trigger's tensors), poison.json (its spec and the digests of what it made),
+    trigger.png (clean vs poisoned examples) and, for a static pattern, trigger_pattern.png to look at."""
+    tensors = trigger_file_bytes(trigger)
+    run.write_file("trigger.safetensors", tensors)
+    import hashlib
+    spec = {**trigger.spec(), **trigger_meta, "tensors_file": "trigger.safetensors",
+            "tensors_sha256": hashlib.sha256(tensors).hexdigest()}
+    extra = clean_label_check(plan, data) if plan.clean_label else {}
     atomic_write_json(run.path / "poison.json", {
         "format_version": FORMAT_VERSION, "attack": attack, "dataset": cfg["dataset"],
         "attack_label_trans": plan.label_trans, "attack_target": plan.target,
-        "attack_label_shift_amount": plan.shift, "pratio": cfg["pratio"], "n_poison": len(plan.poison_indices),
-        "trigger": {**trigger.spec(), **trigger_meta},
+        "attack_label_shift_amount": plan.shift, "clean_label": plan.clean_label, "trigger_seed": plan.seed,
+        "pratio": cfg["pratio"], "n_poison": len(plan.poison_indices), "trigger": spec,
         "reserve_ratio": cfg["reserve_ratio"], "reserve_rule": cfg["reserve_rule"],
         "digests": data.digests(),
         "poison_indices": plan.poison_indices.tolist(), "reserve_indices": plan.reserve_indices.tolist(),
-        "bd_test_indices": data.bd_test_indices.tolist()})
+        "bd_test_indices": data.bd_test_indices.tolist(), **extra})
+    pattern = getattr(trigger, "pattern", None)
+    if isinstance(pattern, torch.Tensor) and pattern.dtype == torch.uint8:
+        run.write_file("trigger_pattern.png", pattern_png_bytes(pattern))
+    show = plan.poison_indices[:8]
+    run.write_file("trigger.png", trigger_figure(data.x_train_clean[show], data.x_train[show], data.y_train_true[show],
+                                                 data.y_train[show], f"{attack} on {cfg['dataset']}"))

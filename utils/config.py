@@ -1,12 +1,14 @@
 """Typed, layered configuration (conventions §5).
 
-Attacks: command line > --yaml_path > config/attack/<attack>/default.yaml > config/attack/prototype/<dataset>.yaml.
-Defenses: command line > --yaml_path > config/defense/<defense>/<dataset>.yaml.
+Attacks: command line > --yaml_path > config/attack/<attack>/<dataset>.yaml > config/attack/<attack>/default.yaml >
+config/attack/prototype/<dataset>.yaml. Defenses: command line > --yaml_path > config/defense/<defense>/<dataset>.yaml >
+config/defense/<defense>/default.yaml (each file optional) > the options' spec values.
 Every key is declared once as an Opt with a type, a default and a range check; unknown keys, wrong types and
 out-of-range values are errors that name the key and what is allowed.
 """
 import argparse
 import difflib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -115,23 +117,54 @@ class Parser(argparse.ArgumentParser):
         return ns
 
 
-def build_parser(prog: str, opts: list, description: str = "") -> argparse.ArgumentParser:
+def build_parser(prog: str, opts: list, description: str = "", shown=None, add_help=True) -> argparse.ArgumentParser:
+    """shown: {option: the value this command will use}, printed by --help beside the spec's value."""
     # allow_abbrev off: `--trig blend` must not silently mean --trigger
-    p = Parser(prog=prog, description=description, allow_abbrev=False,
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=prog, description=description, allow_abbrev=False, add_help=add_help,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--yaml_path", default=None, help="a YAML file of settings, above the defaults, below the command line")
     p.add_argument("--overwrite", action="store_true", help="replace an existing record of the same name")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     for o in opts:
         if not o.cli:
             continue
-        kw = dict(default=None, help=f"{o.help} (default: {o.default})".strip())
+        used = (shown or {}).get(o.name, o.default)
+        note = f"default: {used}" + (f"; spec: {o.default}" if used != o.default else "")
+        kw = dict(default=None, help=f"{o.help} ({note})".strip())
         if o.type is bool:
             kw["metavar"] = "{true,false}"
         elif o.choices:
             kw["metavar"] = "{" + ",".join(map(str, o.choices)) + "}"
         p.add_argument(f"--{o.name}", **kw)
     return p
+
+
+def layered_config(prog: str, opts: list, description: str, argv, layers_for, fixed=None):
+    """Parse argv and resolve the settings: option defaults < layers_for(cli, user_yaml) (files, lowest first) <
+    --yaml_path < command line. --help shows the value each option will take for this command (its dataset's files
+    resolved) beside the spec's value. fixed: {option: value} an entry point pins (a different value is an error).
+    Returns (cfg, args)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, _ = build_parser(prog, opts, add_help=False).parse_known_args(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        try:
+            shown = resolve(opts, _file_layers(layers_for, cli_values(pre), pre.yaml_path))
+        except UserError:
+            shown = None
+        build_parser(prog, opts, description, shown).parse_args(argv)   # prints the help and exits
+    args = build_parser(prog, opts, description).parse_args(argv)
+    cli = cli_values(args)
+    for k, v in (fixed or {}).items():
+        if k in cli and cli[k] != str(v):
+            raise UserError(f"{prog} runs {k} {v} only (got {cli[k]})")
+        cli[k] = v
+    layers = _file_layers(layers_for, cli, args.yaml_path)
+    return resolve(opts, layers + [("command line", cli)]), args
+
+
+def _file_layers(layers_for, cli, yaml_path) -> list:
+    user = read_yaml(yaml_path) if yaml_path else {}
+    return layers_for(cli, user) + ([(yaml_path, user)] if yaml_path else [])
 
 
 def resolve(opts: list, layers: list) -> dict:

@@ -1,65 +1,68 @@
 """What every defense shares: common options, config layering (command line > --yaml_path >
-config/defense/<defense>/<dataset>.yaml), loading the attack record, the defender's clean subset, the
+config/defense/<defense>/<dataset>.yaml > config/defense/<defense>/default.yaml), loading the attack record, the defender's clean subset, the
 re-evaluation of the attacked model, and the defense record with DER and RIR (conventions §8-§10)."""
 import re
 from dataclasses import dataclass
 
 import torch
 
-from utils.config import (CONFIG_DIR, Opt, build_parser, cli_values, format_config, in_range, read_yaml, resolve,
-                          spec_deviations)
+from utils.config import CONFIG_DIR, Opt, format_config, in_range, layered_config, read_yaml, spec_deviations
 from utils.errors import UserError
 from utils.metrics import der, rir
 from utils.plots import curves_figure
 from utils.poison import defender_clean_subset, read_index_file
-from utils.record import check_attack_record, load_attack_record, model_payload, record_dataset
-from utils.run_folder import Run, is_complete, record_path
+from utils.model_file import model_payload
+from utils.record import check_attack_record, load_attack_record, record_dataset
+from utils.record_names import is_complete, record_path
+from utils.run_folder import Run
 from utils.seeding import fix_random
-from utils.train import EvalSets, Precision, device_check, evaluate_backdoor, pick_device
+from utils.engine.device import Precision, pick_device
+from utils.engine.evaluate import EvalSets, evaluate_backdoor
+from utils.options import device_options
 
 DEFENSE_OPTIONS = [
     Opt("result_file", str, None, "the attack record: a folder name under record/ or a path (required)"),
     Opt("dataset_path", str, None, "folder holding the datasets (default: the attack's)"),
-    Opt("device", str, "auto", "auto, cpu, cuda or cuda:<i>", check=device_check),
-    Opt("amp", bool, True, "mixed precision where the hardware supports it (bf16 on CPU)"),
-    Opt("channels_last", bool, True, "channels_last memory format"),
+    *device_options(),
     Opt("random_seed", int, 0, "seed of every random choice of the defense", check=in_range(0)),
-    Opt("eval_batch_size", int, 1024, "evaluation batch size", check=in_range(1)),
 ]
 
 
 RUN_KEYS = {o.name for o in DEFENSE_OPTIONS}
 
 
+class DefenseLayers:
+    """config/defense/<folder>/default.yaml < config/defense/<folder>/<dataset>.yaml, both optional; the dataset is
+    the attack record's (or, to check a command whose record does not exist yet, `given_dataset`). Called by
+    layered_config; keeps the dataset it found."""
+
+    def __init__(self, folder: str, defense: str, given_dataset=None):
+        self.folder, self.defense, self.dataset = folder, defense, given_dataset
+
+    def __call__(self, cli, user):
+        result_file = cli.get("result_file") or user.get("result_file")
+        if not result_file:
+            raise UserError(f"--result_file is required: the attack record to defend, e.g. "
+                            f"`python defense/{self.defense}.py --result_file badnet_demo`")
+        if self.dataset is None or is_complete(record_path(result_file)):
+            self.dataset = record_dataset(check_attack_record(result_file))
+        files = [CONFIG_DIR / "defense" / self.folder / name for name in ("default.yaml", f"{self.dataset}.yaml")]
+        return [(str(f.relative_to(CONFIG_DIR.parent)), read_yaml(f)) for f in files if f.exists()]
+
+
 def defense_config(defense: str, method_opts: list, argv=None, description="", config_dir=None, spec_for=None,
-                   dataset=None):
-    """Resolve a defense's settings. The dataset comes from the attack record, which is checked first.
-    spec_for(cfg, dataset) -> the spec's per-dataset values; every setting that departs from the spec is put in
-    args.deviations (written into config.yaml by open_defense). `dataset`: for checking a command whose attack record
-    does not exist yet (a sweep's defense job before its attack has run); a record that exists is used as always."""
+                   dataset=None, fixed=None):
+    """Resolve a defense's settings: command line > --yaml_path > its files (defense_layers). The dataset comes
+    from the attack record, which is checked first. spec_for(cfg, dataset) -> the spec's per-dataset values; every
+    setting that departs from the spec is put in args.deviations (written into config.yaml by open_defense).
+    `dataset`: for checking a command whose attack record does not exist yet (a sweep's defense job before its
+    attack has run); a record that exists is used as always. fixed: options an entry point pins."""
     opts = DEFENSE_OPTIONS + method_opts
-    args = build_parser(f"defense/{defense}.py", opts, description).parse_args(argv)
-    cli = cli_values(args)
-    user = read_yaml(args.yaml_path) if args.yaml_path else {}
-    result_file = cli.get("result_file") or user.get("result_file")
-    if not result_file:
-        raise UserError(f"--result_file is required: the attack record to defend, e.g. "
-                        f"`python defense/{defense}.py --result_file badnet_demo`")
-    if dataset is None or is_complete(record_path(result_file)):
-        dataset = record_dataset(check_attack_record(result_file))
-    folder = CONFIG_DIR / "defense" / (config_dir or defense)
-    file = folder / f"{dataset}.yaml"
-    if not file.exists():
-        known = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise UserError(f"no {defense} settings for dataset {dataset}: {file} is missing (there are: {', '.join(known)}); "
-                        "write one or pass --yaml_path")
-    layers = [(str(file.relative_to(CONFIG_DIR.parent)), read_yaml(file))]
-    if args.yaml_path:
-        layers.append((args.yaml_path, user))
-    layers.append(("command line", cli))
-    cfg = resolve(opts, layers)
-    args.dataset = dataset
-    args.deviations = spec_deviations(method_opts, cfg, spec_for(cfg, dataset) if spec_for else None, skip=RUN_KEYS)
+    layers = DefenseLayers(config_dir or defense, defense, dataset)
+    cfg, args = layered_config(f"defense/{defense}.py", opts, description, argv, layers, fixed)
+    args.dataset = layers.dataset
+    args.deviations = spec_deviations(method_opts, cfg, spec_for(cfg, layers.dataset) if spec_for else None,
+                                      skip=RUN_KEYS)
     return cfg, args
 
 
@@ -136,16 +139,19 @@ def open_defense(defense: str, cfg: dict, args, out_name=None, deviations=()) ->
     return ctx
 
 
-def finish_defense(ctx: DefenseContext, rows, payload: dict, extra_summary=None, curves_title=""):
-    """model.pt, curves.png, and summary.json with the attack's figures, DER and RIR; prints the comparison."""
+def finish_defense(ctx: DefenseContext, rows, payload: dict, extra_summary=None, curves_title="", curves=(),
+                   carry=()):
+    """model.pt, curves.png, and summary.json with the attack's figures, DER and RIR; prints the comparison.
+    curves: (key, label) series added to curves.png; carry: keys of the last row copied into summary.json."""
     run, a = ctx.run, ctx.attack_figures
     last = rows[-1]
     run.save_model(payload)
-    run.write_file("curves.png", curves_figure(rows, curves_title or f"{run.method} on {ctx.record.path.name}"))
+    run.write_file("curves.png", curves_figure(rows, curves_title or f"{run.method} on {ctx.record.path.name}",
+                                               dashed=curves))
     d = {"test_acc": last["test_acc"], "test_asr": last["test_asr"], "test_ra": last["test_ra"]}
     summary = {"defense": run.method, "attack": ctx.record.poison["attack"], "attack_record": str(ctx.record.path),
                "dataset": ctx.record.config["dataset"], "model": ctx.record.model_info["model_name"],
-               **d, **{k: last[k] for k in last if k.startswith("raw_test_")},
+               **d, **{k: last[k] for k in carry if k in last},
                "attack_test_acc": a["test_acc"], "attack_test_asr": a["test_asr"], "attack_test_ra": a["test_ra"],
                "der": der(a["test_acc"], a["test_asr"], d["test_acc"], d["test_asr"]),
                "rir": rir(a["test_acc"], a["test_ra"], d["test_acc"], d["test_ra"]),

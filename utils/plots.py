@@ -42,7 +42,8 @@ def trigger_figure(clean, poisoned, labels_clean, labels_poisoned, title="") -> 
 
 
 def curves_figure(rows, title="", series=(("test_acc", "ACC"), ("test_asr", "ASR"), ("test_ra", "RA")),
-                  dashed=(("raw_test_acc", "raw ACC"), ("raw_test_asr", "raw ASR"))) -> bytes:
+                  dashed=()) -> bytes:
+    """ACC / ASR / RA over epochs; `dashed`: (key, label) series a method adds (PDB's raw model)."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for key, name in series:
         pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None and r.get(key) == r.get(key)]

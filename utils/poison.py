@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 
 from utils.errors import UserError
-from utils.triggers import Trigger
 
 
 def tensor_sha256(x: torch.Tensor) -> str:
@@ -62,13 +61,18 @@ class PoisonPlan:
     shift: int                 # all2all shift s
     reserve_indices: torch.Tensor
     poison_indices: torch.Tensor
+    clean_label: bool = False  # poisoned samples drawn from the target class only, labels kept (SIG, LC)
+    seed: int = 0              # the seed of the generators a random trigger draws from
 
     def labels(self, y, k):
         return attack_labels(y, self.label_trans, self.target, self.shift, k)
 
 
 def plan_poison(y_train, num_classes, pratio, p_num, label_trans, target, shift, reserve_ratio, reserve_rule,
-                seed) -> PoisonPlan:
+                seed, clean_label=False) -> PoisonPlan:
+    """Which training samples are held out for the defender and which are poisoned. pratio is a fraction of the
+    attacker's training set; with clean_label the poisoned samples are drawn from its target-class samples only
+    (their labels already are the target)."""
     from utils.seeding import generator
     n = len(y_train)
     reserve = torch.empty(0, dtype=torch.int64)
@@ -82,10 +86,17 @@ def plan_poison(y_train, num_classes, pratio, p_num, label_trans, target, shift,
     n_p = int(p_num) if p_num else math.floor(pratio * len(pool) + 0.5)
     if n_p <= 0:
         raise UserError(f"pratio {pratio} of {len(pool)} training samples poisons no sample; raise pratio or set p_num")
+    if clean_label:
+        if label_trans != "all2one":
+            raise UserError("a clean-label attack poisons target-class samples: it needs attack_label_trans all2one")
+        pool = pool[y_train[pool] == target]
+        if n_p > len(pool):
+            raise UserError(f"{n_p} poisoned samples requested but the target class {target} has {len(pool)} in the "
+                            f"attacker's training set; lower pratio (at most {len(pool) / (n - len(reserve)):.4f}) or p_num")
     if n_p > len(pool):
         raise UserError(f"p_num {n_p} exceeds the {len(pool)} samples of the attacker's training set")
     poison = pool[torch.randperm(len(pool), generator=generator(seed, "poison_indices"))[:n_p]].sort().values
-    return PoisonPlan(label_trans, int(target), int(shift), reserve, poison)
+    return PoisonPlan(label_trans, int(target), int(shift), reserve, poison, bool(clean_label), int(seed))
 
 
 @dataclass
@@ -113,12 +124,15 @@ class PoisonedData:
                 "poisoned_test_sha256": tensor_sha256(self.x_bd_test)}
 
 
-def build_poisoned_data(dataset, trigger: Trigger, plan: PoisonPlan) -> PoisonedData:
+def build_poisoned_data(dataset, trigger, plan: PoisonPlan) -> PoisonedData:
+    """The trigger (utils/triggers.py's protocol) applied to the planned training samples and to the test samples
+    of conventions §9, each with its indices and a generator derived from the plan's seed."""
+    from utils.seeding import generator
     k = dataset.num_classes
     x, y = dataset.x_train, dataset.y_train
     idx = plan.poison_indices
     x_p, y_p = x.clone(), y.clone()
-    x_p[idx] = trigger.apply(x[idx], train=True)
+    x_p[idx] = trigger.apply(x[idx], idx, generator(plan.seed, "trigger_train"), train=True)
     y_p[idx] = plan.labels(y[idx], k)
     indicator = torch.zeros(len(y), dtype=torch.int64)
     indicator[idx] = 1
@@ -131,7 +145,7 @@ def build_poisoned_data(dataset, trigger: Trigger, plan: PoisonPlan) -> Poisoned
         x_train=x_p, y_train=y_p, y_train_true=y, poison_indicator=indicator,
         train_indices=torch.arange(len(y))[keep], reserve_indices=plan.reserve_indices, x_train_clean=x,
         x_test=dataset.x_test, y_test=dataset.y_test,
-        x_bd_test=trigger.apply(dataset.x_test[bd_idx], train=False),
+        x_bd_test=trigger.apply(dataset.x_test[bd_idx], bd_idx, generator(plan.seed, "trigger_test"), train=False),
         y_bd_test=plan.labels(dataset.y_test[bd_idx], k), y_bd_test_true=dataset.y_test[bd_idx],
         bd_test_indices=bd_idx, num_classes=k)
 

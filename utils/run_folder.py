@@ -1,5 +1,6 @@
-"""The folder one run writes (conventions §10): where a record name leads, the rules for an existing folder
-(--overwrite, --resume), and the Run that tees the log, keeps metrics rows, checkpoints and finishes the record.
+"""The folder one run writes (conventions §10): the rules for an existing folder (--overwrite, --resume), and the
+Run that tees the log, keeps metrics rows, checkpoints and finishes the record (names and markers:
+utils/record_names.py).
 
 Nothing here deletes what it cannot prove is a record of this toolkit, and --overwrite never deletes the old
 record before the new one is complete: the old one is moved aside to a hidden sibling folder
@@ -8,144 +9,18 @@ interrupted or is terminated. A run killed outright (SIGKILL, power loss) leaves
 on the same name sees it and says what to do.
 """
 import csv
-import functools
 import io
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from utils.config import REPO
 from utils.errors import UserError, os_error_message
 from utils.io import Tee, atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, \
-    atomic_write_yaml, load_weights, read_yaml
-
-FORMAT_VERSION = 1
-RECORD_ROOT = REPO / "record"
-MARKER = "record.json"        # written first into every record folder: what makes a folder ours
-TOOLKIT = "backdoor-toolkit"
-
-
-# --- record names ----------------------------------------------------------------------------------------------
-
-def _inside(p: Path, folder: Path) -> bool:
-    return p == folder or folder in p.parents
-
-
-@functools.lru_cache(maxsize=None)
-def _note_outside(name: str, path: str):
-    print(f"note: record '{name}' is {path}, outside record/")
-
-
-def record_path(name, root: Path = None) -> Path:
-    """--save_folder_name / --result_file -> the record's folder.
-
-    A plain name (e.g. badnet_demo, or sweep_demo/badnet_...) is a folder under record/; a leading 'record/' is
-    accepted, as typed from the repository root. An absolute path, or one that starts with ./ or ../, is a path from
-    the current directory, and one outside record/ is said once. Refused with one line: '', '.', '..', a name that
-    climbs out of record/, record/ itself or any folder above it (the repository, /), and any other folder of the
-    repository."""
-    root = Path(os.path.realpath(RECORD_ROOT if root is None else root))
-    s = str(name)
-    if not s.strip() or s.strip() in (".", ".."):
-        raise UserError(f"record name {s!r} is not allowed: give a plain name such as badnet_demo "
-                        "(a folder under record/), or a path such as ./runs/badnet_demo")
-    explicit = os.path.isabs(s) or s.startswith(("./", "../"))
-    if explicit:
-        p = Path(os.path.realpath(s))
-    else:
-        rel = s[len("record/"):] if s.startswith("record/") else s
-        p = Path(os.path.realpath(root / rel))
-        if not _inside(p, root) or p == root:
-            raise UserError(f"record name {s!r} leads to {p}, outside record/; give a plain name, or write the path "
-                            f"explicitly (./{s} or an absolute path) if that is where the record is")
-    if _inside(root, p):
-        what = "is the record folder itself" if p == root else f"holds the record folder {root}"
-        raise UserError(f"record name {s!r} resolves to {p}, which {what}; a record needs a folder of its own: "
-                        "give a plain name such as badnet_demo")
-    repo = root.parent
-    if _inside(p, repo) and not _inside(p, root):
-        raise UserError(f"record name {s!r} resolves to {p}, a folder of the repository; records live under record/ "
-                        "(give a plain name) or outside the repository")
-    if explicit and not _inside(p, root):
-        _note_outside(s, str(p))
-    return p
-
-
-# --- what a folder is ------------------------------------------------------------------------------------------
-
-def is_complete(path: Path) -> bool:
-    return (Path(path) / "summary.json").exists()
-
-
-def is_record(path: Path) -> bool:
-    """A folder this toolkit wrote: its marker file, or (records made before the marker existed) a config.yaml
-    with the toolkit's own top-level keys."""
-    path = Path(path)
-    if (path / MARKER).is_file():
-        return True
-    try:
-        meta = read_yaml(path / "config.yaml")
-    except UserError:
-        return False
-    return {"method", "format_version", "versions", "config"} <= set(meta)
-
-
-def defense_records(path: Path) -> list:
-    d = Path(path) / "defense"
-    return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")) if d.is_dir() else []
-
-
-def previous_path(path: Path) -> Path:
-    """Where --overwrite keeps the old record until the new one is complete."""
-    return path.parent / f".{path.name}.previous"
-
-
-def remove_record(path: Path) -> bool:
-    """Delete a record folder: summary.json first, so that a delete that fails half-way never leaves a folder that
-    looks complete. Refuses anything that is not a record. Returns False (with a warning) if something stayed."""
-    path = Path(path)
-    if not is_record(path):
-        raise UserError(f"{path} is not a record of this toolkit; it was not deleted")
-    failed = []
-    try:
-        (path / "summary.json").unlink(missing_ok=True)
-    except OSError as e:
-        failed.append(os_error_message(e))
-    shutil.rmtree(path, onerror=lambda fn, p, exc: failed.append(os_error_message(exc[1])
-                                                                 if isinstance(exc[1], OSError) else str(exc[1])))
-    if failed:
-        print(f"warning: could not delete all of {path} ({failed[0]}); delete it by hand", file=sys.stderr)
-    return not failed
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def versions():
-    import numpy
-    import torchvision
-    return {"python": platform.python_version(), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "numpy": str(numpy.__version__)}
-
-
-def read_record_config(path: Path) -> dict:
-    """config.yaml of a record: the whole mapping, checked to hold the resolved settings under 'config'."""
-    meta = read_yaml(Path(path) / "config.yaml", "record file")
-    if not isinstance(meta.get("config"), dict):
-        raise UserError(f"record file {Path(path) / 'config.yaml'} has no 'config' mapping; the file is damaged: "
-                        "make the record again")
-    return meta
+    atomic_write_yaml, load_weights
+from utils.record_names import (FORMAT_VERSION, MARKER, TOOLKIT, defense_records, git_commit, is_complete, is_record,
+                                previous_path, read_record_config, remove_record, versions)
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
@@ -263,15 +138,15 @@ class Run:
                             + "; resume with the same settings, or pass --overwrite to start again")
 
     # --- per-epoch bookkeeping -------------------------------------------------------------------------
-    def log_epoch(self, row: dict, label="epoch"):
+    def log_epoch(self, row: dict, label="epoch", show=()):
+        """Append the row to metrics.csv and print it on one line: loss, ACC, ASR, RA, the method's `show` keys."""
         self.rows.append(row)
         self.write_metrics()
         shown = [f"{label} {row['epoch']}"]
         for k in ("train_loss", "test_acc", "test_asr", "test_ra"):
             if k in row and row[k] is not None:
                 shown.append(f"{k} {row[k]:.4f}")
-        extra = [k for k in row if k.startswith("raw_test_") or k in ("disc_auc", "shared_fraction")]
-        shown += [f"{k} {row[k]:.4f}" for k in extra if isinstance(row[k], float)]
+        shown += [f"{k} {row[k]:.4f}" for k in show if isinstance(row.get(k), float)]
         shown.append(f"lr {row['lr']:.2e}" if isinstance(row.get("lr"), float) else "")
         shown.append(f"{row['seconds']:.1f}s")
         print(" | ".join(s for s in shown if s))
@@ -286,28 +161,31 @@ class Run:
         w.writerows(self.rows)
         atomic_write_text(self.path / "metrics.csv", buf.getvalue())
 
-    def save_checkpoint(self, epoch, state: dict):
-        atomic_torch_save({"epoch": epoch, "rows": self.rows, "elapsed": self.elapsed(),
+    def save_checkpoint(self, epoch, state: dict, phase=0):
+        """`epoch`: how many epochs of phase number `phase` are done."""
+        atomic_torch_save({"phase": phase, "epoch": epoch, "rows": self.rows, "elapsed": self.elapsed(),
                            "state": {k: v.state_dict() for k, v in state.items() if v is not None}},
                           self.path / "checkpoint.pt")
 
-    def restore_checkpoint(self, state: dict) -> int:
+    def restore_checkpoint(self, state: dict):
+        """Load every object of `state` from checkpoint.pt; returns (phase, epochs done in it), (0, 0) if none."""
         ck = self.path / "checkpoint.pt"
         if not ck.exists():
-            return 0
+            return 0, 0
         d = load_weights(ck, "checkpoint")
         try:
             for k, v in state.items():
                 if v is not None:
                     v.load_state_dict(d["state"][k])
-            rows, epoch = d["rows"], int(d["epoch"])
+            rows, epoch, phase = d["rows"], int(d["epoch"]), int(d.get("phase", 0))
         except Exception as e:
             raise UserError(f"the checkpoint {ck} does not fit this run ({type(e).__name__}: {e}); pass --overwrite "
                             "to start again") from None
         self.rows = rows
         self.earlier_seconds = float(d.get("elapsed", 0.0))
-        print(f"resuming from the checkpoint of epoch {epoch}")
-        return epoch
+        where = f"epoch {rows[-1]['epoch']}" if rows else f"epoch {epoch}"
+        print(f"resuming from the checkpoint of {where}" + (f" ({rows[-1]['phase']})" if rows and "phase" in rows[-1] else ""))
+        return phase, epoch
 
     def elapsed(self) -> float:
         """Wall time of this run, the sessions before a --resume included."""

@@ -1,11 +1,14 @@
-"""Triggers as pure functions on whole uint8 batches (N, C, H, W), 0-255 scale (conventions §6).
+"""Triggers: functions on whole uint8 batches (N, C, H, W), 0-255 scale (conventions §6), behind one protocol that
+static patterns, warps and per-image generators all fit, and their patterns.
 
 BadNets: x' = x where P = 0, P where P > 0.
 Blended: x' = trunc(clip((1 - a) x + a P, 0, 255)), computed in float64 as numpy does on uint8 arrays.
+Additive (SIG, LF): x' = trunc(clip(x + P, 0, 255)), P signed.
 """
 import hashlib
 import io
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -89,36 +92,154 @@ def read_pattern_png(path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
+# --- the trigger protocol ---------------------------------------------------------------------------------------
+#
+# A trigger is any object with
+#     kind                                   a name, the key of TRIGGER_KINDS
+#     apply(x, idx, gen, train) -> x'        x: uint8 (N, C, H, W); idx: the samples' indices in their split (a
+#                                            per-image trigger uses them); gen: a torch.Generator for a trigger
+#                                            that draws at random; train: training or test images
+#     spec() -> dict                         its parameters, JSON (poison.json's "trigger")
+#     tensors() -> {name: tensor}            its state (patterns, warp grids, a small network's weights), saved to
+#                                            trigger.safetensors: tensors only, never a pickled object
+#     from_record(spec, tensors) (classmethod) rebuilds it bit for bit
+# and registers its class with @register_trigger. Static patterns live here; an attack whose trigger is its own
+# (a warp, a generator network) declares the class in its own file.
+
+TRIGGER_KINDS: dict = {}
+
+
+def register_trigger(cls):
+    TRIGGER_KINDS[cls.kind] = cls
+    return cls
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def _check_uint8(x):
+    if x.dtype != torch.uint8:
+        raise TypeError("triggers act on uint8 images")
+
+
+@register_trigger
 @dataclass
-class Trigger:
-    """kind 'patch' (BadNets) or 'blend'; pattern is uint8 (C, H, W)."""
-    kind: str
+class PatchTrigger:
+    """BadNets: x' = x where P = 0, P where P > 0; pattern uint8 (C, H, W)."""
+    pattern: torch.Tensor
+    kind: ClassVar[str] = "patch"
+
+    def apply(self, x, idx=None, gen=None, train=True):
+        _check_uint8(x)
+        p = self.pattern.to(x.device)
+        return torch.where(p > 0, p, x)
+
+    def spec(self):
+        return {"kind": self.kind, "pattern_sha256": _sha256(self.pattern)}
+
+    def tensors(self):
+        return {"pattern": self.pattern}
+
+    @classmethod
+    def from_record(cls, spec, tensors):
+        return cls(tensors["pattern"])
+
+
+def blend(x: torch.Tensor, p: torch.Tensor, alpha: float) -> torch.Tensor:
+    """trunc(clip((1 - a) x + a p, 0, 255)) in float64, as numpy does on uint8 arrays, in chunks (bounded memory)."""
+    out = torch.empty_like(x)
+    for i in range(0, len(x), 4096):
+        xb = x[i:i + 4096].to(torch.float64)
+        out[i:i + 4096] = ((1 - alpha) * xb + alpha * p.to(torch.float64)).clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+@register_trigger
+@dataclass
+class BlendTrigger:
+    """Blended: x' = trunc(clip((1 - a) x + a P, 0, 255)), a = alpha_train or alpha_test."""
     pattern: torch.Tensor
     alpha_train: float = 0.2
     alpha_test: float = 0.2
+    kind: ClassVar[str] = "blend"
 
-    def apply(self, x: torch.Tensor, train: bool = True) -> torch.Tensor:
-        if x.dtype != torch.uint8:
-            raise TypeError("triggers act on uint8 images")
-        p = self.pattern.to(x.device)
-        if self.kind == "patch":
-            return torch.where(p > 0, p, x)
-        a = self.alpha_train if train else self.alpha_test
-        out = torch.empty_like(x)
-        for i in range(0, len(x), 4096):  # float64 in chunks keeps memory bounded on large sets
-            xb = x[i:i + 4096].to(torch.float64)
-            out[i:i + 4096] = ((1 - a) * xb + a * p.to(torch.float64)).clamp_(0, 255).to(torch.uint8)
-        return out
+    def apply(self, x, idx=None, gen=None, train=True):
+        _check_uint8(x)
+        return blend(x, self.pattern.to(x.device), self.alpha_train if train else self.alpha_test)
 
-    def spec(self) -> dict:
-        d = {"kind": self.kind, "pattern_file": "trigger_pattern.png",
-             "pattern_sha256": hashlib.sha256(self.pattern.numpy().tobytes()).hexdigest()}
-        if self.kind == "blend":
-            d.update(alpha_train=self.alpha_train, alpha_test=self.alpha_test)
-        return d
+    def spec(self):
+        return {"kind": self.kind, "pattern_sha256": _sha256(self.pattern), "alpha_train": self.alpha_train,
+                "alpha_test": self.alpha_test}
+
+    def tensors(self):
+        return {"pattern": self.pattern}
 
     @classmethod
-    def from_spec(cls, spec: dict, pattern: torch.Tensor) -> "Trigger":
-        if hashlib.sha256(pattern.numpy().tobytes()).hexdigest() != spec["pattern_sha256"]:
-            raise UserError("trigger_pattern.png does not match the digest in poison.json; the record was altered")
-        return cls(spec["kind"], pattern, spec.get("alpha_train", 0.2), spec.get("alpha_test", 0.2))
+    def from_record(cls, spec, tensors):
+        return cls(tensors["pattern"], spec["alpha_train"], spec["alpha_test"])
+
+
+@register_trigger
+@dataclass
+class AdditiveTrigger:
+    """x' = trunc(clip(x + P, 0, 255)) with a signed float pattern P (C, H, W) in 0-255 units, one for training and
+    one for test images (SIG's sinusoid, low-frequency patterns). Computed in float64, as numpy on uint8 arrays."""
+    pattern_train: torch.Tensor
+    pattern_test: torch.Tensor
+    kind: ClassVar[str] = "additive"
+
+    def apply(self, x, idx=None, gen=None, train=True):
+        _check_uint8(x)
+        p = (self.pattern_train if train else self.pattern_test).to(x.device, torch.float64)
+        out = torch.empty_like(x)
+        for i in range(0, len(x), 4096):
+            out[i:i + 4096] = (x[i:i + 4096].to(torch.float64) + p).clamp_(0, 255).to(torch.uint8)
+        return out
+
+    def spec(self):
+        return {"kind": self.kind, "pattern_train_sha256": _sha256(self.pattern_train),
+                "pattern_test_sha256": _sha256(self.pattern_test)}
+
+    def tensors(self):
+        return {"pattern_train": self.pattern_train, "pattern_test": self.pattern_test}
+
+    @classmethod
+    def from_record(cls, spec, tensors):
+        return cls(tensors["pattern_train"], tensors["pattern_test"])
+
+
+# --- a trigger in the record ---------------------------------------------------------------------------------------
+
+def trigger_file_bytes(trigger) -> bytes:
+    from safetensors.torch import save
+    return save({k: v.contiguous().cpu() for k, v in trigger.tensors().items()})
+
+
+def trigger_from_record(spec: dict, tensor_bytes: bytes, where):
+    """Rebuild a trigger from poison.json's spec and trigger.safetensors' bytes, checked against the stored digest."""
+    from safetensors.torch import load
+    if hashlib.sha256(tensor_bytes).hexdigest() != spec.get("tensors_sha256"):
+        raise UserError(f"{where} does not match the digest in poison.json; the record was altered: make it again")
+    kind = spec.get("kind")
+    if kind not in TRIGGER_KINDS:
+        from utils.registry import discover
+        discover()   # a trigger kind declared by an attack's own file
+    if kind not in TRIGGER_KINDS:
+        raise UserError(f"{where}: trigger kind {kind!r} is unknown to this toolkit (known: {', '.join(TRIGGER_KINDS)})")
+    try:
+        return TRIGGER_KINDS[kind].from_record(spec, load(tensor_bytes))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{where}: cannot rebuild the {kind} trigger ({type(e).__name__}: {e}); the record is "
+                        "damaged: make it again") from None
+
+
+def legacy_trigger(spec: dict, pattern: torch.Tensor):
+    """Records of format version 1: the pattern from trigger_pattern.png, kind patch or blend."""
+    if hashlib.sha256(pattern.numpy().tobytes()).hexdigest() != spec.get("pattern_sha256"):
+        raise UserError("trigger_pattern.png does not match the digest in poison.json; the record was altered")
+    if spec.get("kind") == "patch":
+        return PatchTrigger(pattern)
+    if spec.get("kind") == "blend":
+        return BlendTrigger(pattern, spec.get("alpha_train", 0.2), spec.get("alpha_test", 0.2))
+    raise UserError(f"trigger kind {spec.get('kind')!r} in a format-1 record; only patch and blend existed then")

@@ -1,4 +1,4 @@
-"""PDB's defended model (pdb.md §4, §5, §10; project decision 3): the raw model f wrapped with the defensive
+"""PDB's defended model (docs/specs/pdb.md §4, §5, §10; project decision 3): the raw model f wrapped with the defensive
 trigger stamp and the inverse of the label shift, so that
 
     DefendedModel(x) = shift_k(f(stamp(x))),  stamp(x) = x where M is 0, v where M is 1,
@@ -6,17 +6,17 @@ trigger stamp and the inverse of the label shift, so that
 
 This object is what a PDB run evaluates, saves and loads. Its model.pt holds the raw weights under
 `inner_state_dict` (no `state_dict` key, so a plain-weights loader refuses it instead of returning the
-undefended model) beside the wrapper's settings. `load_defense_model` reads any defense model.pt: a
-DefendedModel for PDB, a plain model otherwise.
+undefended model) beside the wrapper's settings; utils.model_file.load_defense_model rebuilds it through the
+wrapper registered here.
 
 Nothing here clamps: the trigger value 2.0 is outside [0, 1] on purpose and must reach the network.
 """
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.model_file import build_from_file, register_wrapper
 
 TRIGGER_TYPES = {0: "border frame", 1: "top-left square", 2: "dotted border"}
 WRAPPER_KEYS = ("trigger_type", "pix_value", "square_size", "border_width", "target_type")
@@ -139,25 +139,11 @@ class DefendedModel(nn.Module):
                 **self.settings(), "inner_state_dict": self.inner.state_dict()}
 
 
-def refuse_defended(model, method: str):
-    """For methods that edit a model's head or convolutions (FST, FMP): a DefendedModel is an error."""
-    if isinstance(model, DefendedModel) or getattr(model, "editable", True) is False:
-        raise UserError(f"{method} cannot be applied to a PDB defended model: it edits the raw network and would "
-                        "remove the input stamp and output mapping that make the defense; use the attack record")
-
-
-def load_defense_model(path, device="cpu"):
-    """The model a defense record's model.pt holds, in eval mode: a DefendedModel for PDB, a plain model otherwise."""
-    from utils.record import build_from_file, read_model_file
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    d = read_model_file(path, device)
-    if d.get("defense") != "pdb":
-        return build_from_file(d, path, "state_dict", device)
+@register_wrapper("pdb")
+def rebuild(d: dict, path, device="cpu") -> DefendedModel:
+    """A PDB model.pt (weights-only dict) -> the DefendedModel it describes."""
     missing = [k for k in WRAPPER_KEYS if k not in d]
     if missing:
         raise UserError(f"{path} is a PDB model file without {', '.join(missing)}; it is damaged: run the defense again")
     inner = build_from_file(d, path, "inner_state_dict", device)
-    model = DefendedModel(inner, d["input_shape"], **{k: d[k] for k in WRAPPER_KEYS})
-    return model.to(device).eval()
+    return DefendedModel(inner, d["input_shape"], **{k: d[k] for k in WRAPPER_KEYS}).to(device)

@@ -1,0 +1,54 @@
+"""Batched training augmentation on tensors (no per-image loop), and uint8 -> [0, 1] floats."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_crop_flip(x: torch.Tensor, gen: torch.Generator, padding: int = 4, flip: bool = False) -> torch.Tensor:
+    """RandomCrop(H x W, padding, zero fill) and optionally RandomHorizontalFlip(0.5), independently per sample,
+    on a whole float batch. Equivalent to the per-image torchvision transforms, without any per-image loop."""
+    b, c, h, w = x.shape
+    if padding > 0:
+        off = torch.randint(0, 2 * padding + 1, (2, b), generator=gen, device=gen.device).to(x.device)
+        xp = F.pad(x, (padding, padding, padding, padding))
+        rows = (off[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (off[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        x = xp[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+               rows, cols]
+    if flip:
+        m = (torch.rand(b, generator=gen, device=gen.device) < 0.5).to(x.device)
+        x = torch.where(m[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
+    return x_uint8.float().div_(255)
+
+
+def uniform(gen, n, device):
+    """n draws of U(0, 1) from gen, on the data's device."""
+    return torch.rand(n, generator=gen, device=gen.device).to(device)
+
+
+def rotate_by(x, angle):
+    """Rotate each image by its angle (radians, counter-clockwise) about the centre: nearest neighbour, zero fill."""
+    _, _, h, w = x.shape
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.zeros(len(x), 2, 3, device=x.device)
+    # the rotation in pixel units, written in affine_grid's normalised coordinates (aspect ratio kept)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
+    theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def random_rotation(x, gen, p, degrees):
+    """RandomRotation(+-degrees) with probability p per sample."""
+    chosen = uniform(gen, len(x), x.device) < p
+    angle = (uniform(gen, len(x), x.device) * 2 - 1) * math.radians(degrees)
+    if not chosen.any():
+        return x
+    x = x.clone()
+    x[chosen] = rotate_by(x[chosen], angle[chosen])
+    return x
