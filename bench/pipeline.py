@@ -49,7 +49,7 @@ def new_model(args, info, precision):  # same init for every pipeline
     return precision.prepare_model(m), None
 
 
-def main(argv=None):
+def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--model", default="cnn")
@@ -58,7 +58,11 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images (0: all)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--amp", type=int, default=1)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
 
     d = load_dataset(args.dataset)
     info = d.info
@@ -113,7 +117,10 @@ def main(argv=None):
             loss.backward()
             opt.step()
 
-    times = {name: timed(fn) for name, fn in [("bare", bare), ("real", real), ("conventional", conventional)]}
+    report({name: timed(fn) for name, fn in [("bare", bare), ("real", real), ("conventional", conventional)]}, n)
+
+
+def report(times, n):
     print("\n| pipeline | seconds per epoch | img/s | vs bare |\n|---|---|---|---|")
     for name, s in times.items():
         print(f"| {name} | {s:.1f} | {n / s:.0f} | {s / times['bare']:.2f}x |")

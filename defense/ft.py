@@ -241,21 +241,12 @@ def spec_for(cfg, dataset):
     return {**SPEC_BY_DATASET.get(dataset, {}), **chosen}
 
 
-NEEDS = ("trained_model", "clean_subset")
-PAPER = "Min et al., NeurIPS 2023"
+MODE_SUMMARIES = {"ft": "vanilla fine-tuning of the whole model on clean data",
+                  "lp": "linear probing: the head alone retrained on clean data",
+                  "fe-tuning": "FE-tuning: a new head frozen, the feature extractor tuned",
+                  "ft-init": "FT-init: a re-initialised head, the whole model tuned"}   # fst: defense/fst.py
 
 
-@register("ft", "defense", PAPER, "vanilla fine-tuning of the whole model on clean data", OPTIONS, NEEDS,
-          args=("--ft_mode", "ft"))
-@register("lp", "defense", PAPER, "linear probing: the head alone retrained on clean data", OPTIONS, NEEDS,
-          args=("--ft_mode", "lp"))
-@register("fe-tuning", "defense", PAPER, "FE-tuning: a new head frozen, the feature extractor tuned", OPTIONS, NEEDS,
-          args=("--ft_mode", "fe-tuning"))
-@register("ft-init", "defense", PAPER, "FT-init: a re-initialised head, the whole model tuned", OPTIONS, NEEDS,
-          args=("--ft_mode", "ft-init"))
-@register("ft-bb", "defense", "BackdoorBench (Wu et al., NeurIPS 2022)", "BackdoorBench's FT baseline (mode ft, "
-          "its recipe)", OPTIONS, NEEDS, args=("--yaml_path", "config/defense/ft/backdoorbench_{dataset}.yaml"),
-          requires=("config/defense/ft/backdoorbench_{dataset}.yaml",), out="ft-bb", listed=False)
 def configure(argv=None, dataset=None, fixed_mode=None, description=__doc__):
     """Every setting resolved and checked, nothing written (the sweep checks its jobs with this).
     fixed_mode: set by defense/fst.py, which is this code with ft_mode = fst."""
@@ -269,6 +260,15 @@ def configure(argv=None, dataset=None, fixed_mode=None, description=__doc__):
         raise UserError(f"out_name ft-bb is BackdoorBench's FT baseline, a configuration of ft_mode ft (got "
                         f"{cfg['ft_mode']}); drop --ft_mode or choose another --out_name")
     return cfg, args
+
+
+for _mode, _summary in MODE_SUMMARIES.items():
+    register(_mode, "defense", "Min et al., NeurIPS 2023", _summary, OPTIONS, ("trained_model", "clean_subset"),
+             args=("--ft_mode", _mode))(configure)
+register("ft-bb", "defense", "BackdoorBench (Wu et al., NeurIPS 2022)", "BackdoorBench's FT baseline (mode ft, its "
+         "recipe)", OPTIONS, ("trained_model", "clean_subset"), out="ft-bb", listed=False,
+         args=("--yaml_path", "config/defense/ft/backdoorbench_{dataset}.yaml"),
+         requires=("config/defense/ft/backdoorbench_{dataset}.yaml",))(configure)
 
 
 def main(argv=None, fixed_mode=None, description=__doc__):

@@ -88,7 +88,7 @@ def test_plain_names_are_under_record_and_paths_are_paths(fake_repo, tmp_path, c
     assert record_path("./record/x", fake_repo) == root / "x"
     out = record_path("../elsewhere", fake_repo)                  # explicit, outside record/: said once
     assert out == Path(os.path.realpath(tmp_path / "elsewhere"))
-    assert f"is {out}, outside record/" in capsys.readouterr().out
+    assert f"'../elsewhere' is {out}, outside record/" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

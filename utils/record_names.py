@@ -29,7 +29,8 @@ def _inside(p: Path, folder: Path) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _note_outside(name: str, path: str):
-    print(f"note: record '{name}' is {path}, outside record/")
+    print(f"note: record {path} is outside record/" if name == path else
+          f"note: record '{name}' is {path}, outside record/")
 
 
 def record_path(name, root: Path = None) -> Path:
