@@ -1,26 +1,18 @@
 """The fine-tuning family of backdoor purification: FT, LP, FE-tuning, FT-init and FST.
 
-Feature Shift Tuning (Min, Qin, Shen, Cheng, "Towards Stable Backdoor Purification through Feature Shift
-Tuning", NeurIPS 2023, arXiv 2310.01875) tunes a backdoored model on a little clean data. Plain tuning
-removes the backdoor at high poisoning rates but fails at low ones, where backdoor and clean features stay
-entangled. FST re-initialises the linear head and, while tuning the whole network, penalises the raw inner
-product <w, w_ori> between the new head and the compromised one, with the head's Frobenius norm held at
-C = ||w_ori||_F by projection after every step. The paper's initial study compares four simpler modes,
-which share the same loop:
+Feature Shift Tuning (Min, Qin, Shen, Cheng, NeurIPS 2023, arXiv 2310.01875): plain tuning on a little clean data
+removes a backdoor at high poisoning rates, not at low ones, where backdoor and clean features stay entangled. FST
+re-initialises the linear head and, tuning the whole network, penalises <w, w_ori> with the compromised head, the
+head's norm held at C = ||w_ori||_F. The paper's four simpler modes share the loop:
 
-    ft         all parameters, head kept                  (vanilla fine-tuning)
-    lp         head only, head kept                       (linear probing)
-    fe-tuning  everything but the head, head re-initialised and frozen
-    ft-init    all parameters, head re-initialised
-    fst        all parameters, head re-initialised, + alpha * <w, w_ori>
+    ft  all parameters, head kept | lp  head only | fe-tuning  all but a re-initialised, frozen head
+    ft-init  all parameters, head re-initialised | fst  as ft-init, + alpha * <w, w_ori>
 
-    python defense/ft.py --result_file badnet_demo --ft_mode fst
-    python defense/fst.py --result_file badnet_demo              (the same code, ft_mode fixed to fst)
+    python defense/ft.py --result_file badnet_demo --ft_mode fst     (defense/fst.py: the same, fst fixed)
     python defense/ft.py --result_file badnet_demo --yaml_path config/defense/ft/backdoorbench_fashion_mnist.yaml
 
-The last line is BackdoorBench's FT baseline (5% clean data, 100 epochs, SGD 0.01, wd 5e-4, cosine with
-T_max 100; on tiny 200 epochs with ReduceLROnPlateau on the training loss), a configuration of mode ft written
-to defense/ft-bb/. Spec: docs/specs/ft_family.md.
+The last line is BackdoorBench's FT baseline (mode ft, its recipe; output defense/ft-bb/). Spec:
+docs/specs/ft_family.md.
 """
 import math
 
@@ -45,14 +37,6 @@ TRAINS_HEAD = {"ft", "lp", "ft-init", "fst"}
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau")
 
 
-def _check_smooth(v):
-    return None if v is None or 0 <= v < 1 else "allowed: none or [0, 1)"
-
-
-def _check_positive(v):
-    return None if v is None or v >= 1 else "allowed: none (= epochs) or an integer >= 1"
-
-
 OPTIONS = [
     Opt("ft_mode", str, None, "tuning mode (required): " + ", ".join(MODES), choices=MODES),
     Opt("epochs", int, 10, "tuning epochs", check=in_range(1)),
@@ -64,7 +48,7 @@ OPTIONS = [
     Opt("lr_scheduler", str, "CosineAnnealingLR", "per-epoch lr schedule: cosine, or ReduceLROnPlateau on the "
         "epoch's mean training loss (BackdoorBench's FT on tiny)", choices=SCHEDULERS),
     Opt("cos_t_max", int, None, "T_max of the per-epoch cosine schedule (default: epochs)",
-        check=_check_positive),
+        check=lambda v: None if v is None or v >= 1 else "allowed: none (= epochs) or an integer >= 1"),
     Opt("plateau_factor", float, 0.1, "ReduceLROnPlateau: lr multiplier on a plateau (torch's default, as in "
         "BackdoorBench)", check=in_range(0, 1, lo_open=True, hi_open=True)),
     Opt("plateau_patience", int, 10, "ReduceLROnPlateau: epochs without improvement of the training loss tolerated "
@@ -73,7 +57,8 @@ OPTIONS = [
     Opt("project_head_norm", bool, True, "after every step, in every mode, rescale the head weight to norm C"),
     Opt("reinit_rescale", bool, False, "rescale a re-initialised head to norm C at once (BackdoorBenchER)"),
     Opt("freeze_bn_stats", bool, False, "BatchNorm layers of frozen parts run in eval mode (no statistics update)"),
-    Opt("lb_smooth", float, None, "label smoothing of the cross-entropy (none: off)", check=_check_smooth),
+    Opt("lb_smooth", float, None, "label smoothing of the cross-entropy (none: off)",
+        check=lambda v: None if v is None or 0 <= v < 1 else "allowed: none or [0, 1)"),
     Opt("crop_padding", int, 4, "random-crop padding of the tuning augmentation (0: no crop)", check=in_range(0)),
     Opt("hflip", bool, None, "random horizontal flip (default: the dataset's rule, on for cifar10 only)"),
     Opt("out_name", str, None, "output folder under <record>/defense/ (default: the ft_mode)"),

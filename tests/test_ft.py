@@ -1,4 +1,4 @@
-"""The fine-tuning family (defense/ft.py, defense/fst.py): ../shared/specs/ft_family.md §10."""
+"""The fine-tuning family (defense/ft.py, defense/fst.py): docs/specs/ft_family.md §10."""
 import json
 import math
 import shutil

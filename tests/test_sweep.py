@@ -136,8 +136,10 @@ def test_every_shipped_job_parses_with_its_scripts_own_options(tmp_path):
             if j.script == "defense/fst.py":
                 opts = DEFENSE_OPTIONS + mod.ft.OPTIONS
             build_parser(j.script, opts).parse_args(j.command()[2:])   # SystemExit on an unknown option
-    assert counts["demo"] == (2, 2 * 8)          # badnet, blend x (ft, lp, fe-tuning, ft-init, fst, pdb, sau, fmp)
-    assert counts["paper_cifar10"][1] == 9 * counts["paper_cifar10"][0]
+    assert counts["demo"] == (2, 2 * 9)          # badnet, blend x (ft, lp, fe-tuning, ft-init, fst, pdb, sau, fmp, fp)
+    assert counts["sig"] == (1, 9)
+    from utils.registry import methods
+    assert counts["paper_cifar10"][1] == len(methods("defense")) * counts["paper_cifar10"][0]   # defenses: all
     assert counts["ft_family"] == (4, 4 * 5) and counts["bypass"] == (2, 2 * 8)
 
 
