@@ -1,6 +1,7 @@
 """What every data-poisoning attack shares: its options, the config layering, building the poisoned sets, the
 training recipe of conventions §11, and writing the attack record. An attack file supplies its trigger and, when
 its training is not the standard epoch (Bypass), a Training of its own."""
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -262,7 +263,6 @@ def write_trigger(run, attack, cfg, trigger, trigger_meta, plan, data):
     trigger.png (clean vs poisoned examples) and, for a static pattern, trigger_pattern.png to look at."""
     tensors = trigger_file_bytes(trigger)
     run.write_file("trigger.safetensors", tensors)
-    import hashlib
     spec = {**trigger.spec(), **trigger_meta, "tensors_file": "trigger.safetensors",
             "tensors_sha256": hashlib.sha256(tensors).hexdigest()}
     extra = clean_label_check(plan, data) if plan.clean_label else {}
