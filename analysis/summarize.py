@@ -25,7 +25,7 @@ import sys
 
 import pandas as pd
 
-from analysis.plots import bars_figure, scatter_figure
+from analysis.plots import NONE, bars_figure, scatter_figure
 from utils.errors import UserError, run_main
 from utils.io import atomic_write_bytes, read_json
 from utils.record_names import read_record_config
@@ -36,7 +36,6 @@ NOT_A_SETTING = {"save_folder_name", "result_file", "dataset_path", "device", "e
 METRICS = ["test_acc", "test_asr", "test_ra", "der"]
 COLUMNS = KEYS + ["seed"] + METRICS + ["seconds"]
 SETTING_KEYS = [k for k in KEYS if k != "variant"]
-NONE = "none"  # the defense column of an attacked (undefended) model
 SUMMARY_DIR = "summary"
 
 

@@ -142,17 +142,18 @@ def prune_phase(ctx, model, x, y) -> Phase:
         stage, means = mean_activations(model, x)
         order = pruning_order(means)
         rows, k, acc0 = search(ctx, model, order, len(means), x, y)
-        pruned = order[:k].tolist()
+        pruned, acc_k = order[:k].tolist(), next(r["clean_subset_acc"] for r in rows if r["num_pruned"] == k)
         with torch.no_grad():
             model.head.weight[:, head_columns(model, len(means), pruned).to(model.head.weight.device)] = 0
-        write_pruning(ctx.run, stage, means, order, rows, pruned, acc0, ctx.cfg, time.time() - t0)
-        print(f"{stage}: {len(means)} channels; pruned {k} (clean-subset accuracy {acc0:.4f} -> "
-              f"{next(r for r in rows if r['num_pruned'] == k)['clean_subset_acc']:.4f}; acc_ratio {ctx.cfg['acc_ratio']})")
+        write_pruning(ctx.run, stage, means, order, rows, pruned, (acc0, acc_k), ctx.cfg, time.time() - t0)
+        print(f"{stage}: {len(means)} channels; pruned {k} (clean-subset accuracy {acc0:.4f} -> {acc_k:.4f}; "
+              f"acc_ratio {ctx.cfg['acc_ratio']})")
         return {"lr": None, "train_loss": None, "train_acc": None}
     return Phase("prune", 1, step, lambda: ctx.evaluate(model), label="after pruning, epoch", start=0)
 
 
-def write_pruning(run, stage, means, order, rows, pruned, acc0, cfg, seconds):
+def write_pruning(run, stage, means, order, rows, pruned, accs, cfg, seconds):
+    """ranking.csv, prune_log.csv and pruned.json; accs: the clean-subset accuracy unpruned and at k*."""
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))
     run.write_file("ranking.csv", "channel,mean_activation,rank\n" + "".join(
@@ -162,8 +163,8 @@ def write_pruning(run, stage, means, order, rows, pruned, acc0, cfg, seconds):
         ",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + "\n" for r in rows))
     run.write_file("pruned.json", json.dumps({
         "stage": stage, "channels": len(means), "step": math.ceil(len(means) * cfg["once_prune_ratio"]),
-        "k": len(pruned), "pruned_channels": pruned, "clean_subset_acc_unpruned": acc0,
-        "clean_subset_acc_pruned": next(r["clean_subset_acc"] for r in rows if r["num_pruned"] == len(pruned)),
+        "k": len(pruned), "pruned_channels": pruned, "clean_subset_acc_unpruned": accs[0],
+        "clean_subset_acc_pruned": accs[1],
         "acc_ratio": cfg["acc_ratio"], "acc_drop": cfg["acc_drop"], "seconds": round(seconds, 3)}, indent=1) + "\n")
 
 

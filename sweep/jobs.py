@@ -40,6 +40,7 @@ class Job:
     log: pathlib.Path
     dataset: str = "fashion_mnist"   # the attack's dataset (a defense job is checked against it)
     parent: "Job" = None       # the attack a defense job needs
+    values: dict = field(default_factory=dict)   # an attack's {dataset, model, seed}, for its defenses' templates
     children: list = field(default_factory=list)
     status: str = "todo"       # todo, skipped, running, done, failed, blocked
     seconds: float = None
@@ -210,10 +211,8 @@ def _attack_job(p: Plan, a: str, spec: dict, point: dict) -> Job:
         a_args += ["--dataset_path", p.dataset_path]
     a_args += _option_args({GRID_ALIASES.get(k, k): v for k, v in point.items()}, "grid")
     a_args += _option_args(p.args.get("attack") or {}, "args.attack") + _option_args(p.args.get(a) or {}, f"args.{a}")
-    job = Job(name, "attack", a, spec["script"], a_args, out, _resources(p.cfg, "attack", a, p.override),
-              p.root / "sweep_logs" / f"{name}.log", str(values["dataset"]))
-    job.values = values
-    return job
+    return Job(name, "attack", a, spec["script"], a_args, out, _resources(p.cfg, "attack", a, p.override),
+               p.root / "sweep_logs" / f"{name}.log", str(values["dataset"]), values=values)
 
 
 def _defense_job(p: Plan, job: Job, d: str, dspec: dict):
