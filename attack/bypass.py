@@ -18,7 +18,9 @@ from utils.attack import Training, attack_config, run_attack, split_train_metric
 from utils.config import Opt, in_range, spec_deviations
 from utils.data import DATASETS
 from utils.engine.augment import to_unit
-from utils.engine.epoch import batch_indices, progress
+from utils.engine.device import to_device
+from utils.engine.epoch import batch_indices, progress, weighted_sum
+from utils.engine.optim import fused
 from utils.engine.loop import GeneratorState
 from utils.engine.optim import scheduler_step
 from utils.errors import UserError, run_main
@@ -74,8 +76,9 @@ class Discriminator(nn.Module):
         self.noise_gen = noise_gen
 
     def forward(self, h):
-        if self.training and self.input_noise > 0:
-            h = h + self.input_noise * torch.randn(h.shape, generator=self.noise_gen, device=h.device, dtype=h.dtype)
+        if self.training and self.input_noise > 0:   # drawn on the CPU generator: the same stream on every device
+            noise = torch.randn(h.shape, generator=self.noise_gen, dtype=h.dtype)
+            h = h + self.input_noise * to_device(noise, h.device)
         return self.net(h).squeeze(1)
 
 
@@ -86,12 +89,14 @@ def bce(d_out, p):
 
 
 def build_discriminator(model, cfg, device):
-    """D sized from the model's own feature dimension (no hard-coded 512), its SGD optimiser, its noise stream."""
-    noise_gen = generator(cfg["random_seed"], "discriminator_noise", device=device)
+    """D sized from the model's own feature dimension (no hard-coded 512), its SGD optimiser, its noise stream (a
+    CPU generator, so that a checkpoint resumes on either device type)."""
+    noise_gen = generator(cfg["random_seed"], "discriminator_noise")
     disc = Discriminator(model.feature_dim, cfg["disc_hidden"], cfg["disc_leaky_slope"], cfg["disc_input_noise"],
                          noise_gen).to(device)
-    opt = torch.optim.SGD(disc.parameters(), lr=cfg["disc_lr"], momentum=cfg["disc_momentum"],
-                          weight_decay=cfg["disc_weight_decay"])
+    params = list(disc.parameters())
+    opt = torch.optim.SGD(params, lr=cfg["disc_lr"], momentum=cfg["disc_momentum"],
+                          weight_decay=cfg["disc_weight_decay"], **fused(params))
     return disc, opt, noise_gen
 
 
@@ -130,27 +135,25 @@ def bypass_epoch(ctx, disc, disc_optimizer):
     model.train()
     disc.train()
     lr = ctx.optimizer.param_groups[0]["lr"]
+    dev = ctx.x_train.device
     batches = batch_indices(len(ctx.y_train), cfg["batch_size"], ctx.shuffle_gen, shuffle=True,
-                            drop_last=cfg["drop_last"])
-    sums = {"loss_model": 0.0, "ce": 0.0, "adv": 0.0, "loss_d": 0.0}
-    seen, preds, order, scores = 0, [], [], []
+                            drop_last=cfg["drop_last"], device=dev)
+    keys = ("loss_model", "ce", "adv", "loss_d")
+    sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in keys}   # read back once, after the epoch
+    preds, scores = [], []
     for idx in progress(batches, "bypass"):
-        dev_idx = idx.to(ctx.x_train.device)
-        xb = ctx.precision.prepare_input(ctx.augment(to_unit(ctx.x_train[dev_idx])))
-        out = bypass_step(model, disc, ctx.optimizer, disc_optimizer, xb, ctx.y_train[dev_idx],
-                          ctx.indicator[dev_idx], lam, ctx.precision)
-        for k in sums:
-            sums[k] += out[k].item() * len(idx)
-        seen += len(idx)
-        preds.append(out["logits"].argmax(1).cpu())
-        scores.append(out["d_out"].detach().cpu())
-        order.append(idx)
-    preds, order, scores = torch.cat(preds), torch.cat(order), torch.cat(scores)
-    mean = {k: v / max(seen, 1) for k, v in sums.items()}
+        xb = ctx.precision.prepare_input(ctx.augment(to_unit(ctx.x_train[idx])))
+        out = bypass_step(model, disc, ctx.optimizer, disc_optimizer, xb, ctx.y_train[idx], ctx.indicator[idx], lam,
+                          ctx.precision)
+        sums = {k: weighted_sum(sums[k], out[k], len(idx)) for k in keys}
+        preds.append(out["logits"].detach().argmax(1))
+        scores.append(out["d_out"].detach())
+    preds, order, scores = torch.cat(preds), torch.cat(batches), torch.cat(scores)
+    mean = dict(zip(keys, (v / len(order) for v in torch.stack([sums[k] for k in keys]).tolist())))
     scheduler_step(ctx.scheduler, mean["loss_model"])
-    p = ctx.indicator.cpu()[order]
+    p = ctx.indicator[order]
     return {"lr": lr, "train_loss": mean["loss_model"], "train_ce": mean["ce"],
-            "train_acc": (preds == ctx.y_train.cpu()[order]).float().mean().item(),
+            "train_acc": (preds == ctx.y_train[order]).float().mean().item(),
             **split_train_metrics(ctx, order, preds),
             "adv_term": mean["adv"], "disc_loss": mean["loss_d"],
             "disc_train_acc": ((scores > 0.5).long() == p).float().mean().item(),

@@ -21,7 +21,7 @@ from utils.poison import build_poisoned_data, plan_poison
 from utils.engine.augment import random_crop_flip
 from utils.engine.device import Precision
 from utils.engine.epoch import train_epoch_supervised
-from utils.triggers import Trigger, badnet_pattern
+from utils.triggers import PatchTrigger, badnet_pattern
 from utils.errors import run_main
 
 
@@ -67,7 +67,7 @@ def main(argv=None):
     d = load_dataset(args.dataset)
     info = d.info
     plan = plan_poison(d.y_train, info.num_classes, 0.1, None, "all2one", 0, 1, 0.0, "random", 0)
-    data = build_poisoned_data(d, Trigger("patch", badnet_pattern(info.shape)), plan)
+    data = build_poisoned_data(d, PatchTrigger(badnet_pattern(info.shape)), plan)
     x, y = data.x_train, data.y_train
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from models.preact_resnet import PreActBlock
+from utils.engine.device import to_device
 from utils.engine.evaluate import eval_mode
 from utils.errors import UserError
 from utils.stages import Recorder
@@ -38,7 +39,7 @@ def conv_layers(model, x):
 
 def random_start(x, alpha, gen):
     """x0 = clip(x + alpha * sign(U(-alpha, alpha)), 0, 1): one independent +-alpha per pixel."""
-    u = (torch.rand(x.shape, generator=gen, device=gen.device).to(x.device) * 2 - 1) * alpha
+    u = (to_device(torch.rand(x.shape, generator=gen, device=gen.device), x.device) * 2 - 1) * alpha
     return (x + alpha * torch.sign(u)).clamp(0, 1)
 
 

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from utils.config import Opt, in_range
 from utils.defense import defense_config, finish_defense, open_defense
 from utils.errors import UserError, run_main
-from utils.metrics import accuracy
 from utils.seeding import generator
 from utils.engine.augment import random_crop_flip, to_unit
-from utils.engine.epoch import batch_indices, progress
+from utils.engine.epoch import batch_indices, progress, weighted_sum
+from utils.engine.optim import fused
 from utils.engine.loop import GeneratorState, Phase, fit
 from utils.options import clean_subset_options
 from utils.registry import register
@@ -144,7 +144,7 @@ class Tuner:
         self.params = set_trainable(model, self.mode)
         self.bn_frozen = frozen_batchnorms(model) if cfg["freeze_bn_stats"] else []
         self.optimizer = torch.optim.SGD(self.params, lr=cfg["lr"], momentum=cfg["momentum"],
-                                         weight_decay=cfg["weight_decay"])
+                                         weight_decay=cfg["weight_decay"], **fused(self.params))
         self.scheduler = make_schedule(self.optimizer, cfg)
 
     def train_mode(self):
@@ -162,7 +162,7 @@ class Tuner:
         self.precision.step(loss, self.optimizer)
         if self.cfg["project_head_norm"]:
             project_head_norm_(self.model.head, self.norm)
-        return logits.detach(), ce.item(), reg.item()
+        return logits.detach(), ce.detach(), reg.detach()
 
     def scheduler_step(self, mean_loss: float):
         """Once per epoch; ReduceLROnPlateau watches the epoch's mean training loss."""
@@ -175,19 +175,20 @@ class Tuner:
         """One pass over the tuning set, then the scheduler step. Returns the epoch's row of training stats."""
         lr = self.optimizer.param_groups[0]["lr"]
         self.train_mode()
-        sums, seen, correct, batch_loss, batches = {"ce": 0.0, "reg": 0.0}, 0, 0.0, 0.0, 0
-        for idx in progress(batch_indices(len(y), self.cfg["batch_size"], shuffle_gen), f"{self.mode}"):
-            dev = idx.to(x.device)
-            logits, ce, reg = self.step(augment(to_unit(x[dev])), y[dev])
+        # float64 sums on the device, read back once (the same arithmetic as Python floats, no sync per step)
+        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        ce_sum, reg_sum, correct, batch_loss, seen, batches = zero, zero, zero, zero, 0, 0
+        for idx in progress(batch_indices(len(y), self.cfg["batch_size"], shuffle_gen, device=x.device), self.mode):
+            logits, ce, reg = self.step(augment(to_unit(x[idx])), y[idx])
             n = len(idx)
-            sums["ce"] += ce * n
-            sums["reg"] += reg * n
-            correct += accuracy(logits.argmax(1), y[dev]) * n
-            seen += n
-            batch_loss, batches = batch_loss + ce + reg, batches + 1
+            ce_sum, reg_sum = weighted_sum(ce_sum, ce, n), weighted_sum(reg_sum, reg, n)
+            correct = weighted_sum(correct, (logits.argmax(1) == y[idx]).float().mean(), n)
+            batch_loss = batch_loss + ce.double() + reg.double()
+            seen, batches = seen + n, batches + 1
+        ce_sum, reg_sum, correct, batch_loss = torch.stack([ce_sum, reg_sum, correct, batch_loss]).tolist()
         # the plateau watches the mean over batches of the batch loss, as BackdoorBench's trainer does
         self.scheduler_step(batch_loss / batches)
-        ce, reg = sums["ce"] / seen, sums["reg"] / seen
+        ce, reg = ce_sum / seen, reg_sum / seen
         row = {"lr": lr, "train_loss": ce + reg, "train_ce": ce}
         if self.mode == "fst":
             row["train_reg"] = reg

@@ -25,6 +25,7 @@ from utils.errors import UserError, run_main
 from utils.poison import class_balanced_draw
 from utils.seeding import generator
 from utils.engine.augment import random_crop_flip, random_rotation, to_unit, uniform
+from utils.engine.device import to_device
 from utils.engine.epoch import batch_indices, progress
 from utils.engine.loop import GeneratorState, Phase, fit
 from utils.engine.optim import make_optimizer, make_scheduler, scheduler_step
@@ -149,7 +150,7 @@ def augment_defensive(x, gen, cfg):
     x = x * torch.where(scaled, s, torch.ones_like(s))[:, None, None, None]   # x * 1.0 is exact
     noisy = uniform(gen, b, dev) < cfg["noise_prob"]
     if cfg["aug"] > 0:   # at aug = 0 the step is a no-op, as in the original
-        noise = torch.randn(x.shape, generator=gen, device=gen.device).to(dev) * cfg["aug"]
+        noise = to_device(torch.randn(x.shape, generator=gen, device=gen.device), dev) * cfg["aug"]
         x = x + noise * noisy[:, None, None, None]
     x = random_rotation(x, gen, cfg["rotate_prob"], cfg["rotate_degrees"])
     return crop_flip(x, gen, cfg)
@@ -176,9 +177,8 @@ def train_epoch(model, stream: Stream, optimizer, scheduler, precision, shuffle_
     sums = torch.zeros(2, 3, dtype=torch.float64, device=dev)   # [ordinary, defensive] x [loss, correct, count]
     for pos in progress(epoch_batches(stream.n_ord, stream.n_def, cfg["sample_frequency"], cfg["batch_size"],
                                       shuffle_gen), "pdb"):
-        pos = pos.to(dev)
-        is_def = pos >= stream.n_ord
-        io, idf = pos[~is_def], (pos[is_def] - stream.n_ord) % stream.n_def
+        is_def = pos >= stream.n_ord      # split on the CPU, where the shuffle is drawn: no device read-back
+        io, idf = to_device(pos[~is_def], dev), to_device((pos[is_def] - stream.n_ord) % stream.n_def, dev)
         x = torch.cat([crop_flip(to_unit(stream.x_ord[io]), aug_gen, cfg), augment_defensive(stream.x_def[idf], aug_gen, cfg)])
         y = torch.cat([stream.y_ord[io], stream.y_def[idf]])
         with precision.autocast():

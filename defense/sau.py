@@ -20,9 +20,10 @@ from utils.defense import defense_config, finish_defense, open_defense
 from utils.errors import run_main
 from utils.seeding import generator
 from utils.engine.augment import to_unit
-from utils.engine.epoch import batch_indices, progress
+from utils.engine.epoch import batch_indices, progress, weighted_sum
 from utils.engine.evaluate import predict
 from utils.engine.loop import GeneratorState, Phase, fit
+from utils.engine.optim import fused
 from utils.options import clean_subset_options
 from utils.registry import register
 
@@ -144,40 +145,60 @@ def unlearning_step(model, ref, x, y, delta, cfg, precision, optimizer):
         loss = loss + cfg["lmd_2"] * F.cross_entropy(zt, y)
     optimizer.zero_grad(set_to_none=True)
     precision.step(loss, optimizer)
-    return {"train_loss": loss.item(), "train_loss_clean": loss_clean.item(), "train_loss_sar": loss_sar.item(),
-            "mask_fraction": mask.float().mean().item(),
+    return {"train_loss": loss, "train_loss_clean": loss_clean, "train_loss_sar": loss_sar,
+            "mask_fraction": mask.float().mean(),
             # the SAEs actually found, judged on the returned delta at no extra cost
-            "shared_fraction": shared_mask(pred, pred_r, pred0, pred0_r).float().mean().item()}
+            "shared_fraction": shared_mask(pred, pred_r, pred0, pred0_r).float().mean()}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class Stopwatch:
+    """Seconds spent in timed sections: CUDA events on a GPU (read once, at the end), the wall clock on a CPU."""
+
+    def __init__(self, device):
+        self.cuda, self.seconds, self.events = device.type == "cuda", 0.0, []
+
+    def start(self):
+        if self.cuda:
+            self.events.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+            self.events[-1][0].record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.seconds += time.perf_counter() - self.t0
+
+    def total(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(a.elapsed_time(b) for a, b in self.events) / 1000
+        return self.seconds
 
 
 def sau_round(model, ref, x_clean, y_clean, optimizer, cfg, precision, gen):
     """One pass over the clean subset (uint8 on the device), no augmentation: shared PGD, then `outer_steps`
     unlearning updates per batch. Returns the round's mean statistics, PGD time included."""
     model.eval()
-    totals, weight, pgd_seconds, pgd_steps, n_batches = {}, 0, 0.0, 0, 0
-    for idx in progress(batch_indices(len(y_clean), cfg["batch_size"], gen, shuffle=True, drop_last=False), "sau"):
-        idx = idx.to(x_clean.device)
+    dev = x_clean.device
+    totals, weight, pgd_steps, n_batches, pgd_time = {}, 0, 0, 0, Stopwatch(dev)
+    for idx in progress(batch_indices(len(y_clean), cfg["batch_size"], gen, shuffle=True, drop_last=False,
+                                      device=dev), "sau"):
         x, y = precision.prepare_input(to_unit(x_clean[idx])), y_clean[idx]
-        sync(x.device)
-        t0 = time.perf_counter()
-        delta, steps = shared_pgd(model, ref, x, y, cfg, precision)
-        sync(x.device)
-        pgd_seconds += time.perf_counter() - t0
+        pgd_time.start()
+        delta, steps = shared_pgd(model, ref, x, y, cfg, precision)   # its early stop reads the device per step
+        pgd_time.stop()
         pgd_steps += steps
         n_batches += 1
         for _ in range(cfg["outer_steps"]):
             stats = unlearning_step(model, ref, x, y, delta, cfg, precision, optimizer)
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v * len(y)
+            for k, v in stats.items():   # float64 sums on the device, read back once
+                totals[k] = weighted_sum(totals.get(k, torch.zeros((), dtype=torch.float64, device=dev)), v, len(y))
             weight += len(y)
-    out = {k: v / weight for k, v in totals.items()}
+    out = dict(zip(totals, (v / weight for v in torch.stack(list(totals.values())).tolist())))
     return {"lr": optimizer.param_groups[0]["lr"], **out, "pgd_steps_mean": pgd_steps / n_batches,
-            "pgd_seconds": round(pgd_seconds, 3)}
+            "pgd_seconds": round(pgd_time.total(), 3)}
 
 
 # --- main -----------------------------------------------------------------------------------------------------
@@ -198,8 +219,9 @@ def main(argv=None):
         x_clean, y_clean, _ = ctx.clean_subset(cfg["ratio"], balanced=False, index_file=cfg["index"])
         model = ctx.attacked_model()
         ref = ctx.attacked_model().eval().requires_grad_(False)  # the frozen backdoored reference
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), weight_decay=0,
-                                     amsgrad=True)
+        params = list(model.parameters())
+        optimizer = torch.optim.Adam(params, lr=cfg["lr"], betas=(0.9, 0.999), weight_decay=0, amsgrad=True,
+                                     **fused(params))
         gen = generator(cfg["random_seed"], "sau_loader")
         sets, precision = ctx.eval_sets, ctx.precision
 

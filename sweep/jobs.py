@@ -24,7 +24,8 @@ def builtin(kind: str) -> dict:
 GRID_ALIASES = {"seed": "random_seed", "target": "attack_target"}   # grid key -> attack option
 NAME_ORDER = ("dataset", "model", "pratio", "target", "seed")        # parts of a record's name, in this order
 NAME_PREFIX = {"dataset": "", "model": "", "pratio": "p", "target": "t", "seed": "s"}
-RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "gpu_memory")
+RAY_KEYS = ("num_cpus", "num_gpus", "memory")   # gpu_memory (GiB a job needs on its card) is checked, not sent
 TOP_KEYS = ("name", "root", "dataset_path", "grid", "attacks", "defenses", "args", "resources", "defense_seed")
 
 
@@ -49,7 +50,23 @@ class Job:
     def command(self, python="python"):
         # --resume continues an interrupted record from its checkpoint, starts a missing one, and starts again one
         # that died before its first checkpoint; run_job skips a record that is already complete
-        return [python, self.script, *self.args, "--resume"]
+        return [python, self.script, *self.device_args(), "--resume"]
+
+    def device_args(self):
+        """A job granted a GPU runs on it: --device auto (or none) becomes cuda (Ray's CUDA_VISIBLE_DEVICES names
+        the granted card), so a CUDA that cannot start fails the job instead of dropping it to the CPU."""
+        args = list(self.args)
+        if not self.resources.get("num_gpus"):
+            return args
+        if "--device" not in args:
+            return args + ["--device", "cuda"]
+        i = args.index("--device") + 1
+        if i < len(args) and args[i] == "auto":
+            args[i] = "cuda"
+        return args
+
+    def ray_resources(self):
+        return {k: v for k, v in self.resources.items() if k in RAY_KEYS}
 
 
 def is_complete(path) -> bool:

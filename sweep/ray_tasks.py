@@ -72,7 +72,33 @@ def start_ray(address, num_cpus, num_gpus):
     return ray
 
 
+def card_memory_gib():
+    """Memory of this machine's first GPU in GiB, or None without one."""
+    try:
+        import torch
+        return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def check_gpu_memory(jobs, card_gib):
+    """Jobs that share a card (num_gpus below 1) must fit in its memory together. Any set Ray may place on one card
+    has num_gpus summing to at most 1, so its memory is at most max(gpu_memory / num_gpus) over the jobs: that
+    bound must fit the card. Jobs without gpu_memory are not checked."""
+    declared = [j for j in jobs if j.resources.get("gpu_memory") and j.resources.get("num_gpus")]
+    if not declared or card_gib is None:
+        return
+    worst = max(declared, key=lambda j: j.resources["gpu_memory"] / j.resources["num_gpus"])
+    need = worst.resources["gpu_memory"] / worst.resources["num_gpus"]
+    if need > card_gib:
+        per_card = int(1 / worst.resources["num_gpus"])
+        raise UserError(f"{worst.name}: {per_card} such jobs share a card (num_gpus {worst.resources['num_gpus']:g}) "
+                        f"and need {worst.resources['gpu_memory']:g} GiB each, {need:.1f} GiB together, but the card "
+                        f"has {card_gib:.1f} GiB; raise num_gpus (fewer jobs per card) or lower gpu_memory")
+
+
 def check_feasible(ray, jobs, joining):
+    check_gpu_memory(jobs, card_memory_gib())
     total = ray.cluster_resources()
     have = {"num_cpus": total.get("CPU", 0), "num_gpus": total.get("GPU", 0)}
     for j in jobs:

@@ -65,7 +65,7 @@ class Submitter:
     def submit(self, job):
         job.log.unlink(missing_ok=True)  # a stale log from an earlier sweep would look like a running job
         threads = max(1, math.ceil(job.resources.get("num_cpus", 1) or 1))
-        ref = self.task.options(**job.resources, max_retries=1, name=job.name).remote(
+        ref = self.task.options(**job.ray_resources(), max_retries=1, name=job.name).remote(
             job.command(), str(REPO), str(job.log), threads, str(job.out))
         job.status = "queued"
         self.pending[ref] = job

@@ -1,13 +1,31 @@
 """Shared fixtures: small datasets the tests write themselves in the real on-disk formats, a real
 Fashion-MNIST subset, and tiny attack records that defenses can read."""
 import gzip
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# the precision probe's cache (utils/engine/probe.py) goes to a fresh folder, not the user's cache
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="test-cache-")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device of the tests marked `device` (e.g. cuda): "
+                     "`pytest -m device --device cuda` checks resume and same-seed reproducibility on a GPU")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: runs on the device given by --device (default cpu)")
+
+
+@pytest.fixture
+def run_device(request):
+    return request.config.getoption("--device")
 
 
 def write_idx(path, array):

@@ -230,8 +230,10 @@ def test_record_round_trip_and_a_defense_can_load_it(tmp_path, fake_root, monkey
     dctx.run.close()
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, fake_root, monkeypatch):
-    extra = ["--epochs", "2", "--disc_input_noise", "1.0", "--batch_size", "100", "--amp", "false"]
+@pytest.mark.device
+def test_resume_equals_an_uninterrupted_run(tmp_path, fake_root, monkeypatch, run_device):
+    extra = ["--epochs", "2", "--disc_input_noise", "1.0", "--batch_size", "100", "--amp", "false",
+             "--device", run_device]
     make_record(tmp_path / "full", fake_root, "bypass", extra=extra)
     epoch = bypass.bypass_epoch
     calls = {"n": 0}

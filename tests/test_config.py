@@ -36,7 +36,7 @@ def test_layering_prototype_default_yaml_cli(tmp_path):
     (["--dataset", "imagenet"], r"unknown dataset 'imagenet'; known datasets: fashion_mnist"),
     (["--model", "resnet1000"], r"model = 'resnet1000' .* choose one of: cnn, preactresnet18"),
     (["--epochs", "2.5"], r"epochs = '2.5' .* expected an integer"),
-    (["--amp", "maybe"], r"amp = 'maybe' .* expected true or false"),
+    (["--amp", "maybe"], r"amp = 'maybe' .* expected auto, true or false"),
     (["--attack_label_trans", "all2all", "--attack_label_shift_amount", "10"], r"maps every label to itself"),
     (["--patch_position", "middle"], r"patch_position 'middle' unknown"),
 ])

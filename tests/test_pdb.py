@@ -311,11 +311,12 @@ def test_record_round_trip_and_refusals(tiny_record, tmp_path):
     assert (out / "summary.json").exists()   # refused settings did not touch the record
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_record, tmp_path, monkeypatch):
+@pytest.mark.device
+def test_resume_equals_an_uninterrupted_run(tiny_record, tmp_path, monkeypatch, run_device):
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(tiny_record, a)
     shutil.copytree(tiny_record, b)
-    args = ["--epochs", "2", "--cos_t_max", "2", "--ratio", "0.2"]
+    args = ["--epochs", "2", "--cos_t_max", "2", "--ratio", "0.2", "--device", run_device]
     run_pdb(a, *args)
     real_evaluate, calls = pdb.evaluate, []
 

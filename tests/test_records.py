@@ -101,8 +101,9 @@ def test_existing_record_is_not_overwritten_without_the_flag(tiny_record, fake_r
     assert (tiny_record / "model.pt").read_bytes() == before
 
 
-def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, fake_root, monkeypatch):
-    extra = ["--epochs", "3", "--cos_t_max", "3"]
+@pytest.mark.device
+def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, fake_root, monkeypatch, run_device):
+    extra = ["--epochs", "3", "--cos_t_max", "3", "--device", run_device]
     a = tmp_path / "a"
     b = tmp_path / "b"
     make_record(a, fake_root, extra=extra)

@@ -278,8 +278,9 @@ def test_record_files_and_rules(tiny_record, tmp_path):
         sau.main(argv + ["--overwrite", "--yaml_path", str(bad)])
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_record, tmp_path, monkeypatch):
-    extra = ["--n_rounds", "3", "--ratio", "0.2", "--batch_size", "32", "--lr", "1e-3", "--device", "cpu"]
+@pytest.mark.device
+def test_resume_equals_an_uninterrupted_run(tiny_record, tmp_path, monkeypatch, run_device):
+    extra = ["--n_rounds", "3", "--ratio", "0.2", "--batch_size", "32", "--lr", "1e-3", "--device", run_device]
     a = copy_record(tiny_record, tmp_path / "a")
     sau.main(["--result_file", str(a), *extra])
     b = copy_record(tiny_record, tmp_path / "b")

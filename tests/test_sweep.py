@@ -107,6 +107,24 @@ def test_grid_expands_to_named_jobs_with_their_arguments_and_resources(tmp_path)
     assert "config/defense/ft/backdoorbench_fashion_mnist.yaml" in ds["ft-bb"].args
 
 
+def test_a_job_granted_a_gpu_runs_on_it_and_shared_cards_must_fit_its_jobs(tmp_path):
+    from sweep.ray_tasks import check_gpu_memory
+    cfg = {"grid": {"attack": "badnet"}, "defenses": ["fst", "pdb"], "args": {"pdb": {"device": "auto"}},
+           "resources": {"attack": {"num_gpus": 0.125, "gpu_memory": 2}, "defense": {"num_gpus": 0}}}
+    a = expand(cfg, tmp_path)[0]
+    fst, pdb = a.children
+    cmd = a.command()
+    assert cmd[cmd.index("--device") + 1] == "cuda"   # never a silent fall-back to the CPU
+    assert "--device" not in fst.command() and a.ray_resources() == {"num_cpus": 1, "num_gpus": 0.125}
+    pdb.resources["num_gpus"] = 0.5
+    pc = pdb.command()
+    assert pc.count("--device") == 1 and pc[pc.index("--device") + 1] == "cuda"
+    check_gpu_memory([a], card_gib=16)     # 8 jobs x 2 GiB on a 16 GiB card
+    with pytest.raises(UserError, match="8 such jobs share a card.*16.0 GiB together.*has 12.0 GiB"):
+        check_gpu_memory([a], card_gib=12)
+    check_gpu_memory([a], card_gib=None)   # no GPU on the driver: nothing to check against
+
+
 def test_jobs_resume_and_a_complete_record_is_not_run_again(tmp_path):
     from sweep.ray_tasks import run_job
     job = expand({"grid": {"attack": "badnet"}, "defenses": "none"}, tmp_path)[0]

@@ -16,6 +16,7 @@ from utils.engine.device import Precision, pick_device
 from utils.engine.epoch import train_epoch_supervised
 from utils.engine.evaluate import EvalSets, evaluate_backdoor
 from utils.engine.loop import GeneratorState, Phase, fit
+from utils.engine.setup import start_engine
 from utils.engine.optim import make_optimizer, make_scheduler, scheduler_step
 from utils.errors import UserError
 from utils.io import atomic_write_json
@@ -132,12 +133,14 @@ def standard_epoch(ctx: AttackContext, batch=None):
 
 
 def split_train_metrics(ctx, order, preds):
-    """train_acc_clean_only, train_asr_bd_only, train_ra_bd_only (conventions §9)."""
-    ind = ctx.indicator.cpu()[order]
-    y, yt = ctx.y_train.cpu()[order], ctx.y_true.cpu()[order]
+    """train_acc_clean_only, train_asr_bd_only, train_ra_bd_only (conventions §9): counts on the device, one
+    read-back; each a float32 count / n, as a float32 mean is (nan where a kind is absent)."""
+    ind, y, yt = ctx.indicator[order], ctx.y_train[order], ctx.y_true[order]
     clean, bd = ind == 0, ind == 1
-    f = lambda m, lab: (preds[m] == lab[m]).float().mean().item() if m.any() else float("nan")
-    return {"train_acc_clean_only": f(clean, y), "train_asr_bd_only": f(bd, y), "train_ra_bd_only": f(bd, yt)}
+    hits = torch.stack([(clean & (preds == y)).sum(), (bd & (preds == y)).sum(), (bd & (preds == yt)).sum()]).float()
+    n = torch.stack([clean.sum(), bd.sum(), bd.sum()]).float()
+    acc, asr, ra = (hits / n).tolist()
+    return {"train_acc_clean_only": acc, "train_asr_bd_only": asr, "train_ra_bd_only": ra}
 
 
 def augmentation_deviations(cfg) -> list:
@@ -197,16 +200,16 @@ def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, traini
               deviations=augmentation_deviations(cfg) + extra.pop("deviations", []))
     try:
         print(f"{attack}: resolved configuration\n{format_config(cfg)}")
-        fix_random(cfg["random_seed"])
-        precision = Precision(device, cfg["amp"], cfg["channels_last"])
-        run.update_meta(device=str(device), precision=precision.description)   # what --amp gave on this hardware
         info = dataset.info
+        fix_random(cfg["random_seed"])   # the initial weights
+        model = build_model(cfg["model"], info.num_classes, info.shape[0], info.mean, info.std, cfg["model_width"])
+        precision = start_engine(run, cfg, device, model, f"{cfg['model']} width {cfg['model_width']}", info.shape,
+                                 cfg["batch_size"])
+        model = precision.prepare_model(model)
         print(f"data: {info.name}, {len(data.train_indices)} training samples ({len(plan.poison_indices)} poisoned, "
               f"{len(plan.reserve_indices)} reserved), {len(data.y_test)} clean and {len(data.y_bd_test)} poisoned test "
               f"samples; ready in {time.time() - t0:.1f}s; device {device}, {precision.description}")
         write_trigger(run, attack, cfg, trigger, trigger_meta, plan, data)
-        model = precision.prepare_model(build_model(cfg["model"], info.num_classes, info.shape[0], info.mean, info.std,
-                                                    cfg["model_width"]))
         ctx = attack_context(cfg, model, precision, data, device)
         t = training(ctx) if training else Training()
         rows = fit(run, attack_phase(ctx, t), {

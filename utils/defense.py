@@ -15,8 +15,9 @@ from utils.model_file import model_payload
 from utils.record import check_attack_record, load_attack_record, record_dataset
 from utils.record_names import is_complete, record_path
 from utils.run_folder import Run
-from utils.seeding import fix_random
 from utils.engine.device import Precision, pick_device
+from utils.seeding import fix_random
+from utils.engine.setup import start_engine
 from utils.engine.evaluate import EvalSets, evaluate_backdoor
 from utils.options import device_options
 
@@ -116,7 +117,6 @@ def open_defense(defense: str, cfg: dict, args, out_name=None, deviations=()) ->
     check_out_name(out_name or defense)
     fix_random(cfg["random_seed"])
     device = pick_device(cfg["device"])
-    precision = Precision(device, cfg["amp"], cfg["channels_last"])
     record = load_attack_record(cfg["result_file"], cfg["dataset_path"], device="cpu")
     if cfg.get("index"):   # the clean-subset file is read before anything is written or moved aside
         read_index_file(cfg["index"], len(record.data.y_train_true))
@@ -124,8 +124,10 @@ def open_defense(defense: str, cfg: dict, args, out_name=None, deviations=()) ->
               resume=args.resume, deviations=[*getattr(args, "deviations", []), *deviations],
               extra={"attack_record": str(record.path), "attack": record.poison["attack"]})
     try:
-        run.update_meta(device=str(device), precision=precision.description)   # what --amp gave on this hardware
         print(f"{defense}: resolved configuration\n{format_config(cfg)}")
+        info = record.model_info
+        precision = start_engine(run, cfg, device, record.model, f"{info['model_name']} width {info['width']}",
+                                 info["input_shape"], cfg.get("batch_size", 128))
         print(f"attack record {record.path}: {record.poison['attack']} on {record.config['dataset']} / "
               f"{record.model_info['model_name']}; device {device}, {precision.description}")
         sets = EvalSets(record.data, device)

@@ -46,9 +46,25 @@ def atomic_write_yaml(path, obj):
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
 
 
+def on_cpu(obj):
+    """obj with every tensor in it copied to the CPU (dicts, lists, tuples walked): a file written on a GPU then
+    loads with torch.load(path, weights_only=True) on a machine without one."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, on_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):   # a state_dict's module versions
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def atomic_torch_save(obj, path):
+    """torch.save of obj's CPU copy, written atomically."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(on_cpu(obj), buf)
     atomic_write_bytes(path, buf.getvalue())
 
 

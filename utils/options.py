@@ -1,16 +1,47 @@
 """Option groups that several methods share, declared once: device and precision, the training recipe, the
 defender's clean subset. A method takes a group with its own defaults (the spec's values)."""
 from utils.config import Opt, in_range
-from utils.engine.device import device_check
+from utils.engine.device import COMPILE_MODES, device_check
 
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "none")
+
+
+def auto_bool(v):
+    """auto, or true / false (YAML booleans too)."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).lower()
+    if s in ("auto", "true", "false", "1", "0", "yes", "no"):
+        return "auto" if s == "auto" else s in ("true", "1", "yes")
+    raise ValueError("expected auto, true or false")
+
+
+def compile_choice(v):
+    """false, true (the mode chosen for the device) or one of torch.compile's mode names."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).lower()
+    if s in ("true", "false", "1", "0", "yes", "no"):
+        return s in ("true", "1", "yes")
+    if s in COMPILE_MODES:
+        return s
+    raise ValueError(f"expected true, false or a mode: {', '.join(COMPILE_MODES)}")
 
 
 def device_options():
     return [
         Opt("device", str, "auto", "auto, cpu, cuda or cuda:<i>", check=device_check),
-        Opt("amp", bool, True, "mixed precision where the hardware supports it (bf16 on CPU)"),
-        Opt("channels_last", bool, True, "channels_last memory format"),
+        Opt("amp", auto_bool, "auto", "mixed precision: auto (on a GPU: bf16, or fp16 where the card has no bf16; on a "
+            "CPU: whichever of fp32 and bf16 a short timed probe finds faster for this model), true or false (fp32, "
+            "never TF32)"),
+        Opt("channels_last", auto_bool, "auto", "channels_last memory format: auto (on a GPU: on; on a CPU: the "
+            "probe's choice), true or false"),
+        Opt("compile", compile_choice, False, "torch.compile the model (true: the mode chosen for the device, or a "
+            "mode name); falls back to eager where compile is unavailable"),
+        Opt("deterministic", bool, True, "bitwise reproducible kernels (false: cudnn.benchmark and non-deterministic "
+            "GPU kernels, faster)"),
+        Opt("checkpoint_every", int, 1, "write the --resume checkpoint every N epochs (and after the last)",
+            check=in_range(1)),
         Opt("eval_batch_size", int, 1024, "evaluation batch size", check=in_range(1)),
     ]
 

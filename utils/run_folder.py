@@ -23,6 +23,9 @@ from utils.record_names import (FORMAT_VERSION, MARKER, TOOLKIT, defense_records
                                 previous_path, read_record_config, remove_record, versions)
 
 
+RESUMABLE_CHANGES = ("device", "checkpoint_every")   # a resume may change these (a device switch is recorded)
+
+
 # --- the run -----------------------------------------------------------------------------------------------------
 
 class Run:
@@ -38,6 +41,7 @@ class Run:
         self.earlier_seconds = 0.0   # wall time of the sessions before a --resume
         self.previous = None         # the old record, kept aside while this run replaces it
         self.tee = None
+        self.recorded = {}           # the config.yaml of the record this run resumes or replaces
         self._open(overwrite, resume)
         self.created = not self.path.exists()
         self.fresh = not (self.path / "checkpoint.pt").exists()   # not a resumed run
@@ -59,6 +63,13 @@ class Run:
     # --- the rules for an existing folder ---------------------------------------------------------------------
     def _open(self, overwrite, resume):
         p = self.path
+        for q in (p, previous_path(p)):
+            if q.is_dir() and is_record(q) and (q / "config.yaml").exists():
+                try:
+                    self.recorded = read_record_config(q)
+                    break
+                except UserError:
+                    pass   # a damaged config.yaml: nothing recorded to keep (the rules below still apply)
         if previous_path(p).exists():
             self._after_killed_overwrite(overwrite, resume)
             if self.previous is not None:
@@ -131,7 +142,7 @@ class Run:
 
     def _check_same_config(self, p):
         old = read_record_config(p)["config"]
-        diff = [k for k in set(old) | set(self.cfg) if k != "device" and old.get(k) != self.cfg.get(k)]
+        diff = [k for k in set(old) | set(self.cfg) if k not in RESUMABLE_CHANGES and old.get(k) != self.cfg.get(k)]
         if diff:
             raise UserError(f"--resume with settings that differ from the interrupted run at {p}: "
                             + ", ".join(f"{k} ({old.get(k)!r} -> {self.cfg.get(k)!r})" for k in sorted(diff))

@@ -1,8 +1,11 @@
-"""Batched training augmentation on tensors (no per-image loop), and uint8 -> [0, 1] floats."""
+"""Batched training augmentation on tensors (no per-image loop), and uint8 -> [0, 1] floats. The random draws come
+from CPU generators (the same stream on every device) and reach the data's device without a host sync."""
 import math
 
 import torch
 import torch.nn.functional as F
+
+from utils.engine.device import to_device
 
 
 def random_crop_flip(x: torch.Tensor, gen: torch.Generator, padding: int = 4, flip: bool = False) -> torch.Tensor:
@@ -10,14 +13,14 @@ def random_crop_flip(x: torch.Tensor, gen: torch.Generator, padding: int = 4, fl
     on a whole float batch. Equivalent to the per-image torchvision transforms, without any per-image loop."""
     b, c, h, w = x.shape
     if padding > 0:
-        off = torch.randint(0, 2 * padding + 1, (2, b), generator=gen, device=gen.device).to(x.device)
+        off = to_device(torch.randint(0, 2 * padding + 1, (2, b), generator=gen, device=gen.device), x.device)
         xp = F.pad(x, (padding, padding, padding, padding))
         rows = (off[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (off[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
         x = xp[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
                rows, cols]
     if flip:
-        m = (torch.rand(b, generator=gen, device=gen.device) < 0.5).to(x.device)
+        m = to_device(torch.rand(b, generator=gen, device=gen.device) < 0.5, x.device)
         x = torch.where(m[:, None, None, None], x.flip(3), x)
     return x
 
@@ -28,7 +31,7 @@ def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
 
 def uniform(gen, n, device):
     """n draws of U(0, 1) from gen, on the data's device."""
-    return torch.rand(n, generator=gen, device=gen.device).to(device)
+    return to_device(torch.rand(n, generator=gen, device=gen.device), device)
 
 
 def rotate_by(x, angle):
@@ -44,11 +47,14 @@ def rotate_by(x, angle):
 
 
 def random_rotation(x, gen, p, degrees):
-    """RandomRotation(+-degrees) with probability p per sample."""
-    chosen = uniform(gen, len(x), x.device) < p
-    angle = (uniform(gen, len(x), x.device) * 2 - 1) * math.radians(degrees)
+    """RandomRotation(+-degrees) with probability p per sample. Which samples rotate is decided on the CPU, where
+    the draws are made, so the device never has to report it."""
+    chosen = uniform(gen, len(x), "cpu") < p
+    angle = (uniform(gen, len(x), "cpu") * 2 - 1) * math.radians(degrees)
     if not chosen.any():
         return x
+    pick = chosen.nonzero().squeeze(1)
+    angle, rows = to_device(angle[pick], x.device), to_device(pick, x.device)
     x = x.clone()
-    x[chosen] = rotate_by(x[chosen], angle[chosen])
+    x[rows] = rotate_by(x[rows], angle)
     return x

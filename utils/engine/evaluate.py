@@ -22,21 +22,26 @@ def eval_mode(model):
 
 @torch.no_grad()
 def predict(model, x_uint8, precision: Precision, batch_size=1024, labels=None, transform=None):
-    """argmax predictions (and mean CE against labels, if given) in eval mode. x may be uint8 or float."""
-    preds, loss_sum = [], 0.0
+    """argmax predictions (and mean CE against labels, if given) in eval mode. x may be uint8 or float.
+    Summed on the device and read back once; with --compile the last batch is padded to the batch size, so one
+    compiled graph serves every batch."""
+    preds, loss_sum, n = [], torch.zeros((), dtype=torch.float64, device=x_uint8.device), len(x_uint8)
     with eval_mode(model):
-        for i in range(0, len(x_uint8), batch_size):
+        for i in range(0, n, batch_size):
             xb = x_uint8[i:i + batch_size]
             xb = to_unit(xb) if xb.dtype == torch.uint8 else xb
             if transform is not None:
                 xb = transform(xb)
+            b = len(xb)
+            if precision.compile and b < batch_size and n > batch_size:
+                xb = torch.cat([xb, xb.new_zeros(batch_size - b, *xb.shape[1:])])
             with precision.autocast():
-                logits = model(precision.prepare_input(xb)).float()
+                logits = model(precision.prepare_input(xb)).float()[:b]
             if labels is not None:
-                loss_sum += F.cross_entropy(logits, labels[i:i + batch_size], reduction="sum").item()
+                loss_sum += F.cross_entropy(logits, labels[i:i + batch_size], reduction="sum").double()
             preds.append(logits.argmax(1))
     pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
-    return pred, (loss_sum / max(len(x_uint8), 1) if labels is not None else None)
+    return pred, (loss_sum.item() / max(n, 1) if labels is not None else None)
 
 
 class EvalSets:

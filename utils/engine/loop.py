@@ -41,9 +41,11 @@ class Phase:
 
 def fit(run, phases, state: dict):
     """Run the phases in order (a single Phase is one phase). After every epoch a row goes to metrics.csv (with a
-    'phase' column when there are several) and a checkpoint of every object in `state` (model, optimiser,
-    scheduler, generators) and of the position is written. Returns every row, earlier sessions' included."""
+    'phase' column when there are several); every `checkpoint_every` epochs of a phase (the run's setting) and after
+    its last, a checkpoint of every object in `state` (model, optimiser, scheduler, generators) and of the position
+    is written. Returns every row, earlier sessions' included."""
     phases = [phases] if isinstance(phases, Phase) else list(phases)
+    every = int(run.cfg.get("checkpoint_every", 1))
     done_phase, done = run.restore_checkpoint(state)
     for i in range(done_phase, len(phases)):
         ph = phases[i]
@@ -59,6 +61,7 @@ def fit(run, phases, state: dict):
             row = {"epoch": epoch, **({"phase": ph.name} if len(phases) > 1 else {}),
                    "lr": stats.pop("lr", math.nan), "seconds": round(time.time() - t0, 3), **stats, **metrics}
             run.log_epoch(row, ph.label, ph.show)
-            run.save_checkpoint(k + 1, state, phase=i)
+            if last or (k + 1) % every == 0:
+                run.save_checkpoint(k + 1, state, phase=i)
     return run.rows
 
