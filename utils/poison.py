@@ -7,6 +7,8 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+from typing import Optional
+
 import torch
 
 from utils.errors import UserError
@@ -63,6 +65,11 @@ class PoisonPlan:
     poison_indices: torch.Tensor
     clean_label: bool = False  # poisoned samples drawn from the target class only, labels kept (SIG, LC)
     seed: int = 0              # the seed of the generators a random trigger draws from
+    # given per sample instead of derived from label_trans (a record imported from another toolkit: WaNet's noise
+    # samples keep their true label); aligned with poison_indices and bd_test_indices
+    poison_labels: Optional[torch.Tensor] = None
+    bd_test_indices: Optional[torch.Tensor] = None
+    bd_test_labels: Optional[torch.Tensor] = None
 
     def labels(self, y, k):
         return attack_labels(y, self.label_trans, self.target, self.shift, k)
@@ -133,20 +140,22 @@ def build_poisoned_data(dataset, trigger, plan: PoisonPlan) -> PoisonedData:
     idx = plan.poison_indices
     x_p, y_p = x.clone(), y.clone()
     x_p[idx] = trigger.apply(x[idx], idx, generator(plan.seed, "trigger_train"), train=True)
-    y_p[idx] = plan.labels(y[idx], k)
+    y_p[idx] = plan.labels(y[idx], k) if plan.poison_labels is None else plan.poison_labels
     indicator = torch.zeros(len(y), dtype=torch.int64)
     indicator[idx] = 1
     keep = torch.ones(len(y), dtype=torch.bool)
     keep[plan.reserve_indices] = False
     # all2one: every non-target test sample; all2all: every test sample (BackdoorBench uses pratio 1 there)
-    bd_idx = (torch.nonzero(dataset.y_test != plan.target).flatten() if plan.label_trans == "all2one"
+    bd_idx = (plan.bd_test_indices if plan.bd_test_indices is not None
+              else torch.nonzero(dataset.y_test != plan.target).flatten() if plan.label_trans == "all2one"
               else torch.arange(len(dataset.y_test)))
     return PoisonedData(
         x_train=x_p, y_train=y_p, y_train_true=y, poison_indicator=indicator,
         train_indices=torch.arange(len(y))[keep], reserve_indices=plan.reserve_indices, x_train_clean=x,
         x_test=dataset.x_test, y_test=dataset.y_test,
         x_bd_test=trigger.apply(dataset.x_test[bd_idx], bd_idx, generator(plan.seed, "trigger_test"), train=False),
-        y_bd_test=plan.labels(dataset.y_test[bd_idx], k), y_bd_test_true=dataset.y_test[bd_idx],
+        y_bd_test=plan.labels(dataset.y_test[bd_idx], k) if plan.bd_test_labels is None else plan.bd_test_labels,
+        y_bd_test_true=dataset.y_test[bd_idx],
         bd_test_indices=bd_idx, num_classes=k)
 
 

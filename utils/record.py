@@ -108,10 +108,13 @@ def load_attack_record(result_file, dataset_path=None, device="cpu") -> AttackRe
                         f"the record at {path} was made with (different order or files); use the same dataset files")
     trigger = record_trigger(path, poison)
     try:
+        given = lambda key: torch.tensor(poison[key], dtype=torch.int64) if key in poison else None   # noqa: E731
         plan = PoisonPlan(poison["attack_label_trans"], poison["attack_target"], poison["attack_label_shift_amount"],
                           torch.tensor(poison["reserve_indices"], dtype=torch.int64),
                           torch.tensor(poison["poison_indices"], dtype=torch.int64),
-                          bool(poison.get("clean_label", False)), int(poison.get("trigger_seed", cfg.get("random_seed", 0))))
+                          bool(poison.get("clean_label", False)), int(poison.get("trigger_seed", cfg.get("random_seed", 0))),
+                          given("poison_labels"), given("bd_test_indices") if "bd_test_labels" in poison else None,
+                          given("bd_test_labels"))
         data = build_poisoned_data(dataset, trigger, plan)
     except (TypeError, ValueError, IndexError, RuntimeError) as e:
         raise UserError(f"poison.json of {path} does not describe a poisoned set of {cfg['dataset']} ({e}); it is "

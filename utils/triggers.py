@@ -209,6 +209,40 @@ class AdditiveTrigger:
         return cls(tensors["pattern_train"], tensors["pattern_test"])
 
 
+@register_trigger
+@dataclass
+class StoredTrigger:
+    """Poisoned images stored verbatim, by index (a record imported from another toolkit, whose trigger cannot be
+    rebuilt from a spec): apply returns the stored image of each index, for the training or the test split."""
+    train_indices: torch.Tensor     # int64, sorted
+    train_images: torch.Tensor      # uint8 (n, C, H, W)
+    test_indices: torch.Tensor
+    test_images: torch.Tensor
+    kind: ClassVar[str] = "stored"
+
+    def apply(self, x, idx=None, gen=None, train=True):
+        _check_uint8(x)
+        keys, images = (self.train_indices, self.train_images) if train else (self.test_indices, self.test_images)
+        idx = torch.as_tensor(idx, dtype=torch.int64).cpu()
+        pos = torch.searchsorted(keys, idx).clamp(max=max(len(keys) - 1, 0))
+        if len(idx) and (len(keys) == 0 or not torch.equal(keys[pos], idx)):
+            raise ValueError(f"the record stores no poisoned {'training' if train else 'test'} image for some of "
+                             "these indices")
+        return images[pos].to(x.device)
+
+    def spec(self):
+        return {"kind": self.kind, "n_train": len(self.train_indices), "n_test": len(self.test_indices),
+                "images_sha256": _sha256(torch.cat([self.train_images.flatten(), self.test_images.flatten()]))}
+
+    def tensors(self):
+        return {"train_indices": self.train_indices, "train_images": self.train_images,
+                "test_indices": self.test_indices, "test_images": self.test_images}
+
+    @classmethod
+    def from_record(cls, spec, tensors):
+        return cls(tensors["train_indices"], tensors["train_images"], tensors["test_indices"], tensors["test_images"])
+
+
 # --- a trigger in the record ---------------------------------------------------------------------------------------
 
 def trigger_file_bytes(trigger) -> bytes:

@@ -52,9 +52,9 @@ def label(amp, channels_last):
     return f"{'bf16' if amp and cpu_bf16() else 'fp32'}{' + channels_last' if channels_last else ''}"
 
 
-def measure(model, device, candidates, input_shape, batch_size):
+def measure(model, device, candidates, input_shape, batch_size, rounds=ROUNDS, round_seconds=ROUND_SECONDS):
     """img/s of training steps (forward, CE, backward, SGD) of a copy of the model per candidate, on random data.
-    One warm-up step each (allocation, oneDNN's kernel choice), then ROUNDS interleaved rounds, so that a burst of
+    One warm-up step each (allocation, oneDNN's kernel choice), then `rounds` interleaved rounds, so that a burst of
     load on the machine hits every candidate alike; each keeps its best round."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch_size, *input_shape, generator=g).to(device)
@@ -75,10 +75,10 @@ def measure(model, device, candidates, input_shape, batch_size):
     for r in runs:
         step(*r)
     best = [0.0] * len(runs)
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for i, r in enumerate(runs):
             n, t0 = 0, time.perf_counter()
-            while n == 0 or time.perf_counter() - t0 < ROUND_SECONDS:
+            while n == 0 or time.perf_counter() - t0 < round_seconds:
                 step(*r)
                 n += 1
             best[i] = max(best[i], batch_size * n / (time.perf_counter() - t0))
