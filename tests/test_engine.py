@@ -82,6 +82,19 @@ def fake_speeds(table):
 AUTO = {"amp": "auto", "channels_last": "auto"}
 
 
+def interrupted_after_first_checkpoint(monkeypatch, path, root, extra):
+    """An attack run killed right after its first checkpoint is written."""
+    original = Run.save_checkpoint
+
+    def save_then_die(self, epoch, state, phase=0):
+        original(self, epoch, state, phase)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        make_record(path, root, extra=extra)
+    monkeypatch.setattr(Run, "save_checkpoint", original)
+
+
 def test_the_probe_takes_the_fastest_candidate_only_beyond_the_margin_and_caches_it(monkeypatch):
     monkeypatch.setattr(probe, "cpu_bf16", lambda: True)
     monkeypatch.setattr(device_mod, "cpu_bf16", lambda: True)
@@ -145,15 +158,7 @@ def test_auto_precision_is_recorded_and_a_resume_keeps_it_whatever_the_cache_say
         assert (choice["amp"], choice["channels_last"]) == (True, True) and meta["precision"].startswith("torch.bfloat16")
     assert meta["config"]["amp"] == "auto" and meta["tf32"] is False and len(meta["sessions"]) == 1
 
-    original = Run.save_checkpoint
-
-    def save_then_die(self, epoch, state, phase=0):
-        original(self, epoch, state, phase)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(Run, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        make_record(tmp_path / "cut", fake_root, extra=extra)
-    monkeypatch.setattr(Run, "save_checkpoint", original)
+    interrupted_after_first_checkpoint(monkeypatch, tmp_path / "cut", fake_root, extra)
     # the machine's cache now says plain fp32: the resumed record keeps what it started with
     monkeypatch.setattr(probe, "measure", fake_speeds({"fp32": 9.0, "fp32 + channels_last": 1.0, "bf16": 1.0,
                                                        "bf16 + channels_last": 1.0}))
@@ -169,15 +174,7 @@ def test_auto_precision_is_recorded_and_a_resume_keeps_it_whatever_the_cache_say
 
 def test_a_resume_on_another_precision_is_recorded_and_said(tmp_path, fake_root, monkeypatch, capsys):
     extra = ["--epochs", "2", "--cos_t_max", "2", "--amp", "false", "--channels_last", "false"]
-    original = Run.save_checkpoint
-
-    def save_then_die(self, epoch, state, phase=0):
-        original(self, epoch, state, phase)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(Run, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        make_record(tmp_path / "r", fake_root, extra=extra)
-    monkeypatch.setattr(Run, "save_checkpoint", original)
+    interrupted_after_first_checkpoint(monkeypatch, tmp_path / "r", fake_root, extra)
     path = tmp_path / "r" / "config.yaml"
     meta = yaml.safe_load(path.read_text())
     meta["sessions"][0]["precision"] = "torch.float16"   # as if the first session had run on a GPU in fp16
