@@ -1,5 +1,5 @@
 """The plots of a summary: ACC and ASR per defense per attack setting (grouped bars, mean over seeds with the
-standard deviation as error bars), and ACC against ASR (one point per record, each defended point joined to its
+95 % t-interval as error bars), and ACC against ASR (one point per record, each defended point joined to its
 attacked model)."""
 import pathlib
 
@@ -29,7 +29,8 @@ def _png(fig) -> bytes:
 
 
 def bars_figure(ms: pd.DataFrame) -> bytes:
-    """Two panels (ACC, ASR); a group of bars per attack setting, a bar per defense (mean over seeds, std bars)."""
+    """Two panels (ACC, ASR); a group of bars per attack setting, a bar per defense (mean over its runs, the 95 %
+    t-interval of the mean as error bars where there are two runs or more)."""
     plt = _plt()
     cols = ["attack", "dataset", "model", "pratio", "target"]
     settings = ms[cols].drop_duplicates().reset_index(drop=True)
@@ -47,15 +48,15 @@ def bars_figure(ms: pd.DataFrame) -> bytes:
                 if len(hit):
                     xs.append(i - 0.4 + (j + 0.5) * width)
                     ys.append(100 * hit[f"{m}_mean"].iloc[0])
-                    sd = hit[f"{m}_std"].iloc[0]
-                    es.append(0 if pd.isna(sd) else 100 * sd)
+                    ci = hit[f"{m}_ci95"].iloc[0] if f"{m}_ci95" in hit else float("nan")
+                    es.append(0 if pd.isna(ci) else 100 * ci)
             if xs:
                 bars = ax.bar(xs, ys, width, yerr=es if any(es) else None, capsize=2, ecolor="0.5",
                               color="0.2" if d == NONE else colors(j - 1),
                               label="no defense" if d == NONE else d, edgecolor="white", linewidth=0.5)
                 # the value over each bar, so that a bar of height 0 (a removed backdoor) still reads as a result
                 ax.bar_label(bars, labels=[f"{y:.0f}" for y in ys], fontsize=6, padding=1)
-        ax.set_ylabel(f"{title}, %")
+        ax.set_ylabel(f"{title}, %\n(bars: 95 % interval of the mean)" if m == "test_acc" else f"{title}, %")
         ax.set_ylim(0, 110)
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(range(n))

@@ -6,12 +6,14 @@ in one table (a row per record), a table of means and standard deviations over s
 
 Writes:
   summary.csv, summary.md                   a row per record: attack, defense ('none' for the attacked model),
-                                            dataset, model, pratio, target, seed, test_acc, test_asr, test_ra,
-                                            DER, wall time (the CSV keeps fractions and adds RIR and the path;
-                                            the Markdown shows percentages)
-  summary_mean_std.csv, summary_mean_std.md mean and sample standard deviation over seeds of each setting
+                                            dataset, model, pratio, target, seed, defense seed, test_acc,
+                                            test_asr, test_ra, where the other poisoned predictions go (test_other,
+                                            the most frequent wrong class and its share), DER, wall time (the CSV
+                                            keeps fractions and adds RIR and the path; the Markdown shows %)
+  summary_mean_std.csv, summary_mean_std.md mean, sample standard deviation and 95 % t-interval over the seeds
+                                            (attack seeds and defense seeds) of each setting
   acc_asr_bars.png                          ACC and ASR per defense per attack setting (grouped bars, mean over
-                                            seeds, std as error bars)
+                                            seeds, the 95 % t-interval as error bars)
   acc_vs_asr.png                            ACC against ASR, one point per record, undefended points marked,
                                             each defended point joined to its attacked model
 The values are the records' summary.json figures, unchanged (conventions §9: the last epoch of each run).
@@ -32,9 +34,10 @@ from utils.record_names import read_record_config
 
 KEYS = ["attack", "defense", "dataset", "model", "pratio", "target", "variant"]  # a setting; + seed = a record
 # settings that do not change what a record is (paths, devices, seeds): records differing only in them are repeats
-NOT_A_SETTING = {"save_folder_name", "result_file", "dataset_path", "device", "eval_batch_size", "random_seed"}
-METRICS = ["test_acc", "test_asr", "test_ra", "der"]
-COLUMNS = KEYS + ["seed"] + METRICS + ["seconds"]
+NOT_A_SETTING = {"save_folder_name", "result_file", "dataset_path", "device", "eval_batch_size", "random_seed",
+                 "out_name", "out_suffix", "checkpoint_every"}
+METRICS = ["test_acc", "test_asr", "test_ra", "test_other", "der"]
+COLUMNS = KEYS + ["seed", "defense_seed"] + METRICS + ["test_top_wrong_class", "test_top_wrong", "seconds"]
 SETTING_KEYS = [k for k in KEYS if k != "variant"]
 SUMMARY_DIR = "summary"
 
@@ -98,13 +101,17 @@ def _row(root, folder, s) -> dict:
             print(f"warning: {e}; its defense record {folder} is described from its own files", file=sys.stderr)
             a = _attack_info(attack_folder, s)
         dcfg = _config(folder)
-        row = {**a, "defense": folder.name, "der": s.get("der"), "rir": s.get("rir"),
+        # the folder's name, without the suffix that gives each of several defense seeds a folder (sau_ds1, ...)
+        suffix = str(dcfg.get("out_suffix") or "")
+        name = folder.name[:-len(suffix)] if suffix and folder.name.endswith(suffix) else folder.name
+        row = {**a, "defense": name, "der": s.get("der"), "rir": s.get("rir"),
                "defense_seed": dcfg.get("random_seed")}
     else:
         row = {**_attack_info(folder, s), "defense": NONE, "der": math.nan, "rir": math.nan, "defense_seed": None}
     row["_settings"] = _settings(folder if row["defense"] != NONE else None,
                                  folder.parent.parent if row["defense"] != NONE else folder)
     row.update({k: s[k] for k in ("test_acc", "test_asr", "test_ra")})
+    row.update({k: s.get(k) for k in ("test_other", "test_top_wrong_class", "test_top_wrong")})   # older: None
     row["seconds"] = s.get("seconds")
     try:
         row["record"] = str(folder.relative_to(root))
@@ -130,9 +137,11 @@ def collect(root) -> pd.DataFrame:
             continue
         if row is not None:
             rows.append(row)
-    cols = COLUMNS + ["rir", "defense_seed", "record"]
+    cols = COLUMNS + ["rir", "record"]
     df = pd.DataFrame(rows, columns=cols + ["_settings"])
     df["defense_seed"] = df["defense_seed"].astype("Int64")
+    df["test_top_wrong_class"] = df["test_top_wrong_class"].astype("Int64")
+    df[["test_other", "test_top_wrong"]] = df[["test_other", "test_top_wrong"]].astype(float)
     if df.empty:
         return df.drop(columns="_settings")
     df["variant"] = _variants(df)
@@ -143,11 +152,24 @@ def collect(root) -> pd.DataFrame:
     return df.drop(columns="_undef").reset_index(drop=True)
 
 
+def t_interval(std, n):
+    """Half-width of the 95 % t-interval of a mean of n runs: t(0.975, n - 1) std / sqrt(n); nan below 2 runs."""
+    from scipy.stats import t
+    n = pd.Series(n, dtype=float)
+    half = pd.Series(t.ppf(0.975, (n - 1).clip(lower=1)), index=n.index) * std / n.pow(0.5)
+    return half.where(n >= 2)
+
+
 def mean_std(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample standard deviation (ddof 1; empty for a single seed) of each setting over its seeds."""
-    g = df.assign(target=df["target"].astype(str)).groupby(KEYS, sort=False, dropna=False)
+    """Mean, sample standard deviation (ddof 1; empty for a single run) and 95 % t-interval of each setting over
+    its runs: attack seeds and defense seeds alike (a run is one (seed, defense seed) pair). Records that differ in
+    any other setting are separate variants, never averaged."""
+    df = df.assign(target=df["target"].astype(str), _run=df["seed"].map(str) + "/" + df["defense_seed"].map(str))
+    g = df.groupby(KEYS, sort=False, dropna=False)
     out = g.size().rename("n_runs").to_frame()
-    out["n_seeds"] = g["seed"].nunique()
+    out["n_seeds"] = g["_run"].nunique()
+    out["n_attack_seeds"] = g["seed"].nunique()
+    out["n_defense_seeds"] = g["defense_seed"].nunique()
     dup = out[out["n_runs"] > out["n_seeds"]]
     for key, r in dup.iterrows():
         print(f"warning: {' / '.join(map(str, key))}: {r.n_runs} records with the same settings share {r.n_seeds} "
@@ -155,6 +177,7 @@ def mean_std(df: pd.DataFrame) -> pd.DataFrame:
     for m in METRICS + ["seconds"]:
         out[f"{m}_mean"] = g[m].mean()
         out[f"{m}_std"] = g[m].std(ddof=1)
+        out[f"{m}_ci95"] = t_interval(out[f"{m}_std"], g[m].count())
     return out.reset_index()
 
 
@@ -171,12 +194,20 @@ def _markdown(header, rows) -> str:
 
 
 def records_markdown(df) -> str:
-    header = ["attack", "defense", "dataset", "model", "pratio", "target", "seed",
-              "ACC %", "ASR %", "RA %", "DER %", "wall s"]
-    rows = [[r.attack, r.defense, r.dataset, r.model, r.pratio, r.target, r.seed, _pct(r.test_acc),
-             _pct(r.test_asr), _pct(r.test_ra), _pct(r.der), "" if pd.isna(r.seconds) else f"{r.seconds:.1f}"]
+    header = ["attack", "defense", "dataset", "model", "pratio", "target", "seed", "def. seed",
+              "ACC %", "ASR %", "RA %", "other %", "most wrong", "DER %", "wall s"]
+    rows = [[r.attack, r.defense, r.dataset, r.model, r.pratio, r.target, r.seed,
+             "" if pd.isna(r.defense_seed) else r.defense_seed, _pct(r.test_acc), _pct(r.test_asr), _pct(r.test_ra),
+             _pct(r.test_other), _top_wrong(r), _pct(r.der), "" if pd.isna(r.seconds) else f"{r.seconds:.1f}"]
             for r in df.itertuples()]
     return _markdown(*_with_variant(df, header, rows))
+
+
+def _top_wrong(r):
+    """'9 (60.1)': the class most poisoned test images go to besides their true and the attack's label."""
+    if pd.isna(r.test_top_wrong_class):
+        return ""
+    return f"{r.test_top_wrong_class} ({100 * r.test_top_wrong:.1f})"
 
 
 def _with_variant(df, header, rows):
@@ -188,13 +219,19 @@ def _with_variant(df, header, rows):
 
 def mean_std_markdown(ms) -> str:
     def pm(r, m, scale=100, digits=2):
-        mu, sd = getattr(r, f"{m}_mean"), getattr(r, f"{m}_std")
+        """mean ± std [95 % t-interval], or the mean alone for one run."""
+        mu, sd, ci = getattr(r, f"{m}_mean"), getattr(r, f"{m}_std"), getattr(r, f"{m}_ci95")
         if pd.isna(mu):
             return ""
-        return f"{scale * mu:.{digits}f}" + ("" if pd.isna(sd) else f" ± {scale * sd:.{digits}f}")
-    header = SETTING_KEYS + ["runs", "ACC %", "ASR %", "RA %", "DER %", "wall s"]
-    rows = [[r.attack, r.defense, r.dataset, r.model, r.pratio, r.target, r.n_runs, pm(r, "test_acc"),
-             pm(r, "test_asr"), pm(r, "test_ra"), pm(r, "der"), pm(r, "seconds", 1, 1)] for r in ms.itertuples()]
+        if pd.isna(sd):
+            return f"{scale * mu:.{digits}f}"
+        lo, hi = scale * (mu - ci), scale * (mu + ci)
+        return f"{scale * mu:.{digits}f} ± {scale * sd:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    header = SETTING_KEYS + ["runs (attack × defense seeds)", "ACC %", "ASR %", "RA %", "other %", "DER %", "wall s"]
+    rows = [[r.attack, r.defense, r.dataset, r.model, r.pratio, r.target,
+             f"{r.n_runs} ({r.n_attack_seeds} × {r.n_defense_seeds})" if r.defense != NONE else f"{r.n_runs}",
+             pm(r, "test_acc"), pm(r, "test_asr"), pm(r, "test_ra"), pm(r, "test_other"), pm(r, "der"),
+             pm(r, "seconds", 1, 1)] for r in ms.itertuples()]
     return _markdown(*_with_variant(ms, header, rows))
 
 

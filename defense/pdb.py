@@ -22,11 +22,13 @@ from utils.data import dataset_info
 from defense.pdb_model import DefendedModel, check_shift, defensive_mask
 from utils.defense import defense_config, finish_defense, open_defense
 from utils.errors import UserError, run_main
+from utils.metrics import accuracy
 from utils.poison import class_balanced_draw
 from utils.seeding import generator
 from utils.engine.augment import random_crop_flip, random_rotation, to_unit, uniform
 from utils.engine.device import to_device
 from utils.engine.epoch import batch_indices, progress
+from utils.engine.evaluate import BREAKDOWN, predict
 from utils.engine.loop import GeneratorState, Phase, fit
 from utils.engine.optim import make_optimizer, make_scheduler, scheduler_step
 from utils.options import recipe_options
@@ -201,13 +203,21 @@ def train_epoch(model, stream: Stream, optimizer, scheduler, precision, shuffle_
 
 # --- 4. evaluation: the defended model (headline) and the raw model on plain inputs (§9) -----------------------
 
-RAW = ("raw_test_acc", "raw_test_asr", "raw_test_ra")
+RAW = ("raw_test_acc", "raw_test_asr", "raw_test_ra", "premap_test_asr")
 
 def evaluate(ctx, defended: DefendedModel):
+    """The defended model (headline, with where its poisoned predictions go), the raw model on plain inputs, and
+    the raw model's prediction on stamped poisoned inputs before the inverse mapping: premap_test_asr is how often
+    the malicious backdoor still decides there. The mapping then sends those images to h^-1(target), e.g. class 9
+    for target 0 and shift 1: redirected, not removed (the defended model's test_top_wrong_class shows them)."""
     d = ctx.evaluate(defended)
     r = ctx.evaluate(defended.inner, prefix="raw_")
+    sets = ctx.eval_sets
+    pre, _ = predict(defended.inner, sets.x_bd, ctx.precision, ctx.cfg["eval_batch_size"], transform=defended.stamp)
     return {"test_acc": d["test_acc"], "test_asr": d["test_asr"], "test_ra": d["test_ra"],
+            **{k: d[k] for k in BREAKDOWN},
             "raw_test_acc": r["raw_test_acc"], "raw_test_asr": r["raw_test_asr"], "raw_test_ra": r["raw_test_ra"],
+            "premap_test_asr": accuracy(pre, sets.y_bd),
             "clean_test_loss": d["clean_test_loss"], "bd_test_loss": d["bd_test_loss"]}
 
 

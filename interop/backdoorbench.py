@@ -32,7 +32,7 @@ import torch
 from models import build_model
 from utils.data import load_dataset
 from utils.engine.device import Precision
-from utils.engine.evaluate import EvalSets, evaluate_backdoor
+from utils.engine.evaluate import EvalSets, breakdown_summary, evaluate_backdoor
 from utils.errors import UserError, run_main
 from utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, read_bytes, read_json
 from utils.model_file import model_payload, read_model_file
@@ -276,7 +276,7 @@ def import_record(src, save_folder_name, dataset_path="data", attack=None, overw
         m = evaluate_backdoor(model.eval(), EvalSets(data, "cpu"), Precision(torch.device("cpu"), False, False))
         summary = run.finish({"attack": f"backdoorbench:{attack_name}", "dataset": name, "model": MODEL,
                               "pratio": cfg["pratio"], "test_acc": m["test_acc"], "test_asr": m["test_asr"],
-                              "test_ra": m["test_ra"], "imported_from": str(folder)})
+                              "test_ra": m["test_ra"], **breakdown_summary(m), "imported_from": str(folder)})
     finally:
         run.close()
     print(f"imported {folder} as {run.path} in {time.time() - t0:.1f}s: {len(tr[0])} poisoned training samples"

@@ -210,8 +210,12 @@ def _plan(cfg, root, override_res, warn) -> Plan:
     if not isinstance(args, dict):
         raise UserError("'args' must be a mapping: {attack: {...}, defense: {...}, <method>: {...}}")
     defense_seed = cfg.get("defense_seed", "grid")
-    if defense_seed != "grid" and (not isinstance(defense_seed, int) or isinstance(defense_seed, bool) or defense_seed < 0):
-        raise UserError(f"defense_seed = {defense_seed!r}; allowed: 'grid' (the attack's seed) or an integer >= 0")
+    seed_ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0   # noqa: E731
+    if not (defense_seed == "grid" or seed_ok(defense_seed) or (isinstance(defense_seed, list) and defense_seed
+                                                                and all(map(seed_ok, defense_seed))
+                                                                and len(set(defense_seed)) == len(defense_seed))):
+        raise UserError(f"defense_seed = {defense_seed!r}; allowed: 'grid' (the attack's seed), an integer >= 0, or "
+                        "a list of distinct integers (each defense runs once per seed on every attack record)")
     dataset_path = cfg.get("dataset_path")
     return Plan(cfg, root, args, None if dataset_path is None else str(_script_path(dataset_path)), defense_seed,
                 override_res or {}, warn)
@@ -232,7 +236,17 @@ def _attack_job(p: Plan, a: str, spec: dict, point: dict) -> Job:
                p.root / "sweep_logs" / f"{name}.log", str(values["dataset"]), values=values)
 
 
-def _defense_job(p: Plan, job: Job, d: str, dspec: dict):
+def _defense_jobs(p: Plan, job: Job, d: str, dspec: dict) -> list:
+    """The jobs of defense d on the attack job's record: one, or one per seed of a defense_seed list (each in a
+    folder of its own, <out>_ds<seed>)."""
+    if not isinstance(p.defense_seed, list):
+        j = _defense_job(p, job, d, dspec)
+        return [j] if j is not None else []
+    jobs = [_defense_job(p, job, d, dspec, s, f"_ds{s}") for s in p.defense_seed]
+    return [j for j in jobs if j is not None]
+
+
+def _defense_job(p: Plan, job: Job, d: str, dspec: dict, seed=None, suffix=""):
     """The job of defense d on the attack job's record; None (with a warning) when a file it requires is missing."""
     req = [_script_path(r) for r in _template(dspec.get("requires", []), job.values)]
     lacking = [str(r.relative_to(REPO) if r.is_relative_to(REPO) else r) for r in req if not r.exists()]
@@ -242,12 +256,13 @@ def _defense_job(p: Plan, job: Job, d: str, dspec: dict):
     d_args = _template(dspec.get("args", []), job.values) + ["--result_file", str(job.out)]
     if p.dataset_path:
         d_args += ["--dataset_path", p.dataset_path]
-    seed = job.values["seed"] if p.defense_seed == "grid" else p.defense_seed
-    d_args += ["--random_seed", str(seed)]
+    if seed is None:
+        seed = job.values["seed"] if p.defense_seed == "grid" else p.defense_seed
+    d_args += ["--random_seed", str(seed)] + (["--out_suffix", suffix] if suffix else [])
     d_args += _option_args(p.args.get("defense") or {}, "args.defense") + _option_args(p.args.get(d) or {}, f"args.{d}")
-    return Job(f"{job.name}__{d}", "defense", d, dspec["script"], d_args, job.out / "defense" / str(dspec.get("out", d)),
-               _resources(p.cfg, "defense", d, p.override), p.root / "sweep_logs" / f"{job.name}__{d}.log",
-               job.dataset, job)
+    return Job(f"{job.name}__{d}{suffix}", "defense", d, dspec["script"], d_args,
+               job.out / "defense" / (str(dspec.get("out", d)) + suffix), _resources(p.cfg, "defense", d, p.override),
+               p.root / "sweep_logs" / f"{job.name}__{d}{suffix}.log", job.dataset, job)
 
 
 def expand(cfg: dict, root: pathlib.Path, override_res=None, warn=print) -> list:
@@ -270,5 +285,5 @@ def expand(cfg: dict, root: pathlib.Path, override_res=None, warn=print) -> list
                 raise UserError(f"two grid points give the record name {job.name}; make the grid values distinct")
             seen.add(job.name)
             jobs.append(job)
-            job.children = [dj for d in dnames if (dj := _defense_job(p, job, d, defenses[d])) is not None]
+            job.children = [dj for d in dnames for dj in _defense_jobs(p, job, d, defenses[d])]
     return jobs

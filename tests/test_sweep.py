@@ -287,7 +287,7 @@ def test_mean_and_std_over_seeds_and_the_plots(tmp_path):
     out = tmp_path / "out"
     summarize(tmp_path, out)
     md = (out / "summary_mean_std.md").read_text()
-    assert "| blend | none | mnist | cnn | 0.05 | 3 | 2 | 85.00 ± 7.07 | 75.00 ± 35.36 |" in md
+    assert "| blend | none | mnist | cnn | 0.05 | 3 | 2 | 85.00 ± 7.07 [21.47, 148.53] | 75.00 ± 35.36 [-242.66, 392.66] |" in md
     assert (out / "acc_asr_bars.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "acc_vs_asr.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(UserError, match="no complete record"):
@@ -314,7 +314,7 @@ def test_summarize_command_line(tmp_path):
     p = subprocess.run([sys.executable, "analysis/summarize.py", str(tmp_path / "r"), "--no_plots"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert "| badnet | none | fashion_mnist | cnn | 0.1 | 0 | 0 | 50.00 | 90.00 | 10.00 |  | 1.0 |" in p.stdout
+    assert "| badnet | none | fashion_mnist | cnn | 0.1 | 0 | 0 |  | 50.00 | 90.00 | 10.00 |  |  |  | 1.0 |" in p.stdout
     assert (tmp_path / "r" / "summary" / "summary.csv").exists()
     p = subprocess.run([sys.executable, "analysis/summarize.py", str(tmp_path / "nothing")], cwd=REPO,
                        capture_output=True, text=True, timeout=120)

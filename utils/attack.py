@@ -14,7 +14,7 @@ from utils.data import DATASETS, dataset_info, load_dataset
 from utils.engine.augment import random_crop_flip
 from utils.engine.device import Precision, pick_device
 from utils.engine.epoch import train_epoch_supervised
-from utils.engine.evaluate import EvalSets, evaluate_backdoor
+from utils.engine.evaluate import EvalSets, breakdown_line, breakdown_summary, evaluate_backdoor
 from utils.engine.loop import GeneratorState, Phase, fit
 from utils.engine.setup import start_engine
 from utils.engine.optim import make_optimizer, make_scheduler, scheduler_step
@@ -242,9 +242,10 @@ def finish_attack(run, attack, cfg, info, model, rows, t: Training):
     last = rows[-1]
     summary = run.finish({"attack": attack, "dataset": info.name, "model": cfg["model"], "pratio": cfg["pratio"],
                           "test_acc": last["test_acc"], "test_asr": last["test_asr"], "test_ra": last["test_ra"],
+                          **breakdown_summary(last),
                           "epochs": cfg["epochs"], "train_seconds": round(sum(r["seconds"] for r in rows), 2)})
     print(f"\n{attack} done in {summary['seconds']:.1f}s: ACC {summary['test_acc']:.4f}  ASR {summary['test_asr']:.4f}"
-          f"  RA {summary['test_ra']:.4f}\nrecord: {run.path}")
+          f"  RA {summary['test_ra']:.4f}  {breakdown_line(last)}\nrecord: {run.path}")
     return summary
 
 

@@ -18,7 +18,7 @@ from utils.run_folder import Run
 from utils.engine.device import Precision, pick_device
 from utils.seeding import fix_random
 from utils.engine.setup import start_engine
-from utils.engine.evaluate import EvalSets, evaluate_backdoor
+from utils.engine.evaluate import EvalSets, breakdown_line, breakdown_summary, evaluate_backdoor
 from utils.options import device_options
 
 DEFENSE_OPTIONS = [
@@ -26,6 +26,7 @@ DEFENSE_OPTIONS = [
     Opt("dataset_path", str, None, "folder holding the datasets (default: the attack's)"),
     *device_options(),
     Opt("random_seed", int, 0, "seed of every random choice of the defense", check=in_range(0)),
+    Opt("out_suffix", str, "", "appended to the output folder's name (a sweep's defense seeds: _ds1, _ds2, ...)"),
 ]
 
 
@@ -114,13 +115,14 @@ def check_out_name(name: str):
 def open_defense(defense: str, cfg: dict, args, out_name=None, deviations=()) -> DefenseContext:
     """Load the attack record, open record/<attack>/defense/<out_name>/ and re-evaluate the attacked model.
     deviations: what the method itself adds to args.deviations (from defense_config)."""
-    check_out_name(out_name or defense)
+    folder = (out_name or defense) + cfg.get("out_suffix", "")
+    check_out_name(folder)
     fix_random(cfg["random_seed"])
     device = pick_device(cfg["device"])
     record = load_attack_record(cfg["result_file"], cfg["dataset_path"], device="cpu")
     if cfg.get("index"):   # the clean-subset file is read before anything is written or moved aside
         read_index_file(cfg["index"], len(record.data.y_train_true))
-    run = Run(record.path / "defense" / (out_name or defense), defense, cfg, overwrite=args.overwrite,
+    run = Run(record.path / "defense" / folder, defense, cfg, overwrite=args.overwrite,
               resume=args.resume, deviations=[*getattr(args, "deviations", []), *deviations],
               extra={"attack_record": str(record.path), "attack": record.poison["attack"]})
     try:
@@ -153,13 +155,15 @@ def finish_defense(ctx: DefenseContext, rows, payload: dict, extra_summary=None,
     d = {"test_acc": last["test_acc"], "test_asr": last["test_asr"], "test_ra": last["test_ra"]}
     summary = {"defense": run.method, "attack": ctx.record.poison["attack"], "attack_record": str(ctx.record.path),
                "dataset": ctx.record.config["dataset"], "model": ctx.record.model_info["model_name"],
-               **d, **{k: last[k] for k in carry if k in last},
+               **d, **breakdown_summary(last), **{k: last[k] for k in carry if k in last},
                "attack_test_acc": a["test_acc"], "attack_test_asr": a["test_asr"], "attack_test_ra": a["test_ra"],
+               "attack_test_other": a["test_other"], "attack_test_top_wrong_class": a["test_top_wrong_class"],
                "der": der(a["test_acc"], a["test_asr"], d["test_acc"], d["test_asr"]),
                "rir": rir(a["test_acc"], a["test_ra"], d["test_acc"], d["test_ra"]),
                **(extra_summary or {})}
     summary = run.finish(summary)
-    print(f"\n{'':12}{'ACC':>8}{'ASR':>8}{'RA':>8}\n{'attack':12}{a['test_acc']:8.4f}{a['test_asr']:8.4f}{a['test_ra']:8.4f}\n"
-          f"{run.method:12}{d['test_acc']:8.4f}{d['test_asr']:8.4f}{d['test_ra']:8.4f}\n"
+    print(f"\n{'':12}{'ACC':>8}{'ASR':>8}{'RA':>8}  where the other poisoned predictions go\n"
+          f"{'attack':12}{a['test_acc']:8.4f}{a['test_asr']:8.4f}{a['test_ra']:8.4f}  {breakdown_line(a)}\n"
+          f"{run.method:12}{d['test_acc']:8.4f}{d['test_asr']:8.4f}{d['test_ra']:8.4f}  {breakdown_line(last)}\n"
           f"DER {summary['der']:.4f}  RIR {summary['rir']:.4f}  ({summary['seconds']:.1f}s)\nrecord: {run.path}")
     return summary
