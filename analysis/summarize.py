@@ -16,6 +16,8 @@ Writes:
                                             seeds, the 95 % t-interval as error bars)
   acc_vs_asr.png                            ACC against ASR, one point per record, undefended points marked,
                                             each defended point joined to its attacked model
+  report.html (--html)                      all of it in one self-contained page (tables, plots, the settings and
+                                            deviations of every record), readable offline
 The values are the records' summary.json figures, unchanged (conventions §9: the last epoch of each run).
 """
 import argparse
@@ -92,8 +94,9 @@ def _row(root, folder, s) -> dict:
     """The table row of one record (its summary.json is s); None for a summary.json that is not a record's."""
     if not all(k in s for k in ("test_acc", "test_asr", "test_ra")):
         return None  # not a record of this toolkit
-    if "defense" in s or folder.parent.name == "defense":
-        attack_folder = folder.parent.parent
+    retuned = folder.parent.parent.name == "defense"    # <attack>/defense/<method>/retune: the re-tuning attack
+    if "defense" in s or folder.parent.name == "defense" or retuned:
+        attack_folder = folder.parent.parent.parent if retuned else folder.parent.parent
         parent = attack_folder / "summary.json"
         try:
             a = _attack_info(attack_folder, read_json(parent, "record file") if parent.exists() else s)
@@ -104,6 +107,8 @@ def _row(root, folder, s) -> dict:
         # the folder's name, without the suffix that gives each of several defense seeds a folder (sau_ds1, ...)
         suffix = str(dcfg.get("out_suffix") or "")
         name = folder.name[:-len(suffix)] if suffix and folder.name.endswith(suffix) else folder.name
+        if retuned:
+            name = f"{folder.parent.name}+{name}"
         row = {**a, "defense": name, "der": s.get("der"), "rir": s.get("rir"),
                "defense_seed": dcfg.get("random_seed")}
     else:
@@ -242,7 +247,7 @@ def _write(path: pathlib.Path, data):
 
 # --- the whole summary -----------------------------------------------------------------------------------------
 
-def summarize(root, out=None, show=False, plots=True) -> pd.DataFrame:
+def summarize(root, out=None, show=False, plots=True, html=False) -> pd.DataFrame:
     root = pathlib.Path(root)
     out = pathlib.Path(out) if out else root / SUMMARY_DIR
     df = collect(root)
@@ -253,9 +258,16 @@ def summarize(root, out=None, show=False, plots=True) -> pd.DataFrame:
     _write(out / "summary.md", records_markdown(df))
     _write(out / "summary_mean_std.csv", ms.to_csv(index=False))
     _write(out / "summary_mean_std.md", mean_std_markdown(ms))
+    figures = {}
+    if plots or html:
+        figures = {"ACC and ASR per defense (mean over runs, 95 % interval)": bars_figure(ms),
+                   "ACC against ASR, one point per record": scatter_figure(df)}
     if plots:
-        _write(out / "acc_asr_bars.png", bars_figure(ms))
-        _write(out / "acc_vs_asr.png", scatter_figure(df))
+        _write(out / "acc_asr_bars.png", figures["ACC and ASR per defense (mean over runs, 95 % interval)"])
+        _write(out / "acc_vs_asr.png", figures["ACC against ASR, one point per record"])
+    if html:
+        from analysis.report import report_html
+        _write(out / "report.html", report_html(root, df, ms, figures))
     if show:
         print("\n" + records_markdown(df))
     print(f"{len(df)} records ({(df['defense'] == NONE).sum()} attacks, {(df['defense'] != NONE).sum()} defenses) "
@@ -270,8 +282,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help=f"output folder (default: <root>/{SUMMARY_DIR}/)")
     p.add_argument("--no_plots", action="store_true", help="tables only")
     p.add_argument("--quiet", action="store_true", help="do not print the table")
+    p.add_argument("--html", action="store_true", help="also write report.html, one self-contained page")
     args = p.parse_args(argv)
-    summarize(args.root, args.out, show=not args.quiet, plots=not args.no_plots)
+    summarize(args.root, args.out, show=not args.quiet, plots=not args.no_plots, html=args.html)
     return 0
 
 

@@ -123,3 +123,34 @@ def test_t_interval():
     assert t_interval(pd.Series([1.0, 1.0, float("nan")]), [2, 10, 1]).round(4).tolist()[:2] == \
         [round(12.7062 / math.sqrt(2), 4), round(2.2622 / math.sqrt(10), 4)]
     assert math.isnan(t_interval(pd.Series([1.0]), [1]).iloc[0])
+
+
+def test_html_report_is_self_contained_and_holds_every_record(tmp_path, tiny_record):
+    import shutil
+    from html.parser import HTMLParser
+    root = tmp_path / "sweep"
+    shutil.copytree(tiny_record, root / "badnet_tiny")
+    summarize(root, root / "summary", html=True)
+    page = (root / "summary" / "report.html").read_text()
+
+    class Parse(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.rows, self.imgs, self.links, self.scripts, self.details = 0, 0, [], [], 0, 0
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            self.tables += tag == "table"
+            self.rows += tag == "tr"
+            self.scripts += tag == "script"
+            self.details += tag == "details"
+            if tag == "img":
+                self.imgs.append(a.get("src", ""))
+            if tag in ("link", "a") and a.get("href", "").startswith("http"):
+                self.links.append(a["href"])
+    p = Parse()
+    p.feed(page)
+    assert p.tables == 2 and p.details == 1 and p.scripts == 0 and not p.links   # offline, no code
+    assert len(p.imgs) == 2 and all(s.startswith("data:image/png;base64,") for s in p.imgs)
+    assert p.rows == 2 + 2   # a header and one row in each table
+    assert "crop_padding = 1" in page   # the record's deviations from its specification

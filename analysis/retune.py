@@ -1,0 +1,210 @@
+"""The re-tuning attack (Min et al., NeurIPS 2024, "Uncovering, Explaining, and Mitigating the Superficial Safety of
+Backdoor Defense"; the FST repository's fine_tune/ft_poison.py): does a purified model relearn its backdoor from a
+handful of poisoned samples? A copy of the defense record's model is fine-tuned for a few epochs on a small set of
+clean training samples mixed with n_p poisoned ones, and the ASR after it is reported beside the purified one. A
+clean model keeps a low ASR under the same re-tuning; a superficially purified one climbs back. Spec:
+docs/specs/retune.md.
+
+    python analysis/retune.py --result_file badnet_demo/defense/fst
+
+Writes <defense record>/retune/ (metrics.csv with the purified model as epoch 0, summary.json, model.pt); the
+defense record itself is not touched.
+"""
+import math
+
+import torch
+
+from utils.attack import data_hflip
+from utils.config import CONFIG_DIR, Opt, format_config, in_range, layered_config, read_yaml, spec_deviations
+from utils.engine.augment import random_crop_flip, to_unit
+from utils.engine.device import pick_device
+from utils.engine.epoch import train_epoch_supervised
+from utils.engine.evaluate import EvalSets, breakdown_line, breakdown_summary, evaluate_backdoor
+from utils.engine.loop import GeneratorState, Phase, fit
+from utils.engine.optim import fused
+from utils.engine.setup import start_engine
+from utils.errors import UserError, run_main
+from utils.io import read_json
+from utils.metrics import der
+from utils.model_file import load_defense_model, model_payload, read_model_file
+from utils.options import device_options
+from utils.poison import uniform_draw
+from utils.record import check_attack_record, load_attack_record, record_dataset
+from utils.record_names import is_complete, record_path
+from utils.run_folder import Run
+from utils.seeding import fix_random, generator
+
+OPTIONS = [
+    Opt("result_file", str, None, "the defense record: <attack record>/defense/<method> (required)"),
+    Opt("dataset_path", str, None, "folder holding the datasets (default: the attack's)"),
+    *device_options(),
+    Opt("random_seed", int, 0, "seed of the draws, the shuffle and the augmentation (the original: 42)",
+        check=in_range(0)),
+    Opt("poison_num", int, 5, "n_p: poisoned training samples in the re-tuning set (0: the clean control)",
+        check=in_range(0)),
+    Opt("split_ratio", float, 0.02, "the whole re-tuning set as a fraction of the training set, poisoned included",
+        check=in_range(0, 1, lo_open=True)),
+    Opt("epochs", int, 5, "re-tuning epochs", check=in_range(1)),
+    Opt("lr", float, 0.01, "SGD learning rate, constant", check=in_range(0, lo_open=True)),
+    Opt("momentum", float, 0.9, "SGD momentum", check=in_range(0, 1)),
+    Opt("weight_decay", float, 0.0, "SGD weight decay", check=in_range(0)),
+    Opt("batch_size", int, 128, "batch size (the last partial batch is kept)", check=in_range(1)),
+    Opt("crop_padding", int, 4, "random-crop padding of the clean samples' augmentation (poisoned: none)",
+        check=in_range(0)),
+    Opt("hflip", bool, None, "random horizontal flip of the clean samples (default: the dataset's rule)"),
+    Opt("out_suffix", str, "", "appended to the output folder's name (retune<suffix>)"),
+]
+RUN_KEYS = {o.name for o in OPTIONS[:2]} | {o.name for o in device_options()} | {"random_seed", "out_suffix"}
+
+
+def defense_and_attack(result_file):
+    """(defense record, attack record) paths, both checked complete."""
+    path = record_path(result_file)
+    if path.parent.name != "defense":
+        raise UserError(f"{path} is not a defense record: give <attack record>/defense/<method>, e.g. "
+                        "badnet_demo/defense/fst")
+    if not is_complete(path):
+        raise UserError(f"the defense record {path} is missing or incomplete; run the defense first")
+    return path, check_attack_record(path.parent.parent)
+
+
+def layers(cli, user):
+    result_file = cli.get("result_file") or user.get("result_file")
+    if not result_file:
+        raise UserError("--result_file is required: the defense record to re-tune, e.g. "
+                        "`python analysis/retune.py --result_file badnet_demo/defense/fst`")
+    dataset = record_dataset(defense_and_attack(result_file)[1])
+    files = [CONFIG_DIR / "retune" / name for name in ("default.yaml", f"{dataset}.yaml")]
+    return [(str(f.relative_to(CONFIG_DIR.parent)), read_yaml(f)) for f in files if f.exists()]
+
+
+# spec §2: the project's setting for the 28x28 datasets (the originals have none): the project's 5 % of clean data
+# and the original's poisoned share of the set (0.5 %)
+SPEC_BY_DATASET = {"fashion_mnist": {"split_ratio": 0.05, "poison_num": 15},
+                   "mnist": {"split_ratio": 0.05, "poison_num": 15}}
+
+
+def configure(argv=None):
+    cfg, args = layered_config("analysis/retune.py", OPTIONS, __doc__, argv, layers)
+    dataset = record_dataset(defense_and_attack(cfg["result_file"])[1])
+    args.deviations = spec_deviations(OPTIONS, cfg, SPEC_BY_DATASET.get(dataset), skip=RUN_KEYS)
+    return cfg, args
+
+
+# --- the re-tuning set (spec §3 step 3) ------------------------------------------------------------------------
+
+def retune_set(data, cfg):
+    """n = floor(N split_ratio) training samples: n_p drawn from the attack's poisoned training samples (their
+    poisoned images and attack labels) and n - n_p from the attacker's unpoisoned ones (clean images, true labels).
+    Returns (poisoned indices, clean indices)."""
+    n_all = len(data.y_train)
+    n = math.floor(n_all * cfg["split_ratio"])
+    n_p = cfg["poison_num"]
+    if n <= n_p:
+        raise UserError(f"the re-tuning set of {n} samples (split_ratio {cfg['split_ratio']} of {n_all}) cannot hold "
+                        f"{n_p} poisoned samples and any clean one; raise split_ratio or lower poison_num")
+    tr = data.train_indices
+    poisoned = tr[data.poison_indicator[tr] == 1]
+    if n_p > len(poisoned):
+        raise UserError(f"poison_num {n_p} exceeds the {len(poisoned)} poisoned training samples of the attack record")
+    p_idx = poisoned[torch.randperm(len(poisoned), generator=generator(cfg["random_seed"], "retune_poison"))[:n_p]]
+    c_idx = uniform_draw(tr[data.poison_indicator[tr] == 0], n - n_p, generator(cfg["random_seed"], "retune_clean"),
+                         what="re-tuning clean set")
+    return p_idx.sort().values, c_idx
+
+
+def main(argv=None):
+    cfg, args = configure(argv)
+    defense_path, attack_path = defense_and_attack(cfg["result_file"])
+    fix_random(cfg["random_seed"])
+    device = pick_device(cfg["device"])
+    record = load_attack_record(attack_path, cfg["dataset_path"], device="cpu")
+    d = read_model_file(defense_path / "model.pt")
+    model = load_defense_model(defense_path / "model.pt")
+    defense_summary = read_json(defense_path / "summary.json", "record file")
+    run = Run(defense_path / f"retune{cfg['out_suffix']}", "retune", cfg, overwrite=args.overwrite, resume=args.resume,
+              deviations=args.deviations, extra={"defense_record": str(defense_path), "attack_record": str(attack_path),
+                                                 "defense": defense_path.name})
+    try:
+        print(f"retune: resolved configuration\n{format_config(cfg)}")
+        info = record.model_info
+        precision = start_engine(run, cfg, device, model, f"{d.get('model_name')} width {d.get('width')}",
+                                 info["input_shape"], cfg["batch_size"])
+        model = precision.prepare_model(model)
+        for p in model.parameters():   # every weight: what the defense froze or pruned is the attacker's to move
+            p.requires_grad_(True)
+        data = record.data
+        p_idx, c_idx = retune_set(data, cfg)
+        run.write_file("poison_index.txt", "".join(f"{i}\n" for i in p_idx.tolist()))
+        run.write_file("index.txt", "".join(f"{i}\n" for i in c_idx.tolist()))
+        x = torch.cat([data.x_train[p_idx], data.x_train_clean[c_idx]]).to(device)
+        y = torch.cat([data.y_train[p_idx], data.y_train_true[c_idx]]).to(device)
+        is_poisoned = torch.cat([torch.ones(len(p_idx)), torch.zeros(len(c_idx))]).bool().to(device)
+        run.update_meta(retune_set={"n": len(y), "n_poisoned": len(p_idx), "n_clean": len(c_idx)})
+        print(f"re-tuning {defense_path} on {len(c_idx)} clean + {len(p_idx)} poisoned training samples, "
+              f"{cfg['epochs']} epochs, lr {cfg['lr']}")
+        params = list(model.parameters())
+        opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                              **fused(params))
+        shuffle_gen, aug_gen = generator(cfg["random_seed"], "retune_shuffle"), generator(cfg["random_seed"], "retune_augment")
+        hflip = data_hflip({"dataset": record.config["dataset"], "hflip": cfg["hflip"]})
+
+        def batch(idx):   # the clean samples augmented, the poisoned ones as the attacker made them
+            xb = to_unit(x[idx])
+            aug = random_crop_flip(xb, aug_gen, cfg["crop_padding"], hflip)
+            return torch.where(is_poisoned[idx][:, None, None, None], xb, aug), y[idx]
+
+        def epoch(e):
+            lr = opt.param_groups[0]["lr"]
+            stats, order, preds = train_epoch_supervised(model, x, y, opt, precision, shuffle_gen, cfg["batch_size"],
+                                                         False, None, desc="retune", make_batch=batch)
+            hit = preds == y[order]
+            bd = is_poisoned[order]
+            return {"lr": lr, **stats, "train_asr_bd_only": (hit & bd).sum().item() / max(int(bd.sum()), 1)}
+
+        sets = EvalSets(data, device)
+        evaluate = lambda: evaluate_backdoor(model, sets, precision, cfg["eval_batch_size"])   # noqa: E731
+        phases = [Phase("purified", 1, lambda e: {}, evaluate, start=0),
+                  Phase("retune", cfg["epochs"], epoch, evaluate)]
+        rows = fit(run, phases, {"model": model, "optimizer": opt, "precision": precision,
+                                 "shuffle_gen": GeneratorState(shuffle_gen), "aug_gen": GeneratorState(aug_gen)})
+        return finish(run, record, d, model, rows, defense_summary, defense_path)
+    finally:
+        run.close()
+
+
+def finish(run, record, d, model, rows, defense_summary, defense_path):
+    first, last = rows[0], rows[-1]
+    a = record.summary
+    same = all(abs(first[k] - defense_summary[k]) < 1e-9 for k in ("test_acc", "test_asr", "test_ra"))
+    if not same:
+        print("note: the purified model's figures here differ from the defense record's summary.json (another "
+              f"precision or device?): ACC {first['test_acc']:.4f} / {defense_summary['test_acc']:.4f}, ASR "
+              f"{first['test_asr']:.4f} / {defense_summary['test_asr']:.4f}")
+    if hasattr(model, "payload"):   # PDB's defended model: its wrapper file
+        payload = model.payload(d["model_name"], d.get("width"), d.get("dataset"))
+    else:
+        payload = model_payload(model, d["model_name"], d["input_shape"], d.get("width"), d.get("dataset"))
+    run.save_model(payload)
+    pick = lambda r: {k: r[k] for k in ("test_acc", "test_asr", "test_ra")}   # noqa: E731
+    summary = run.finish({
+        "defense": f"{defense_path.name}+retune", "attack": record.poison["attack"],
+        "attack_record": str(record.path), "defense_record": str(defense_path), "dataset": record.config["dataset"],
+        **pick(last), **breakdown_summary(last), "purified": pick(first), "retuned": pick(last),
+        "asr_gain": last["test_asr"] - first["test_asr"], "acc_change": last["test_acc"] - first["test_acc"],
+        "max_test_asr": max(r["test_asr"] for r in rows), "epoch0_matches_defense": same,
+        "attack_test_acc": a["test_acc"], "attack_test_asr": a["test_asr"], "attack_test_ra": a["test_ra"],
+        "der": der(a["test_acc"], a["test_asr"], last["test_acc"], last["test_asr"]),
+        "n_poisoned": run.meta["retune_set"]["n_poisoned"], "n_clean": run.meta["retune_set"]["n_clean"]})
+    print(f"\n{'':14}{'ACC':>8}{'ASR':>8}{'RA':>8}\n"
+          f"{'attack':14}{a['test_acc']:8.4f}{a['test_asr']:8.4f}{a['test_ra']:8.4f}\n"
+          f"{'purified':14}{first['test_acc']:8.4f}{first['test_asr']:8.4f}{first['test_ra']:8.4f}  {breakdown_line(first)}\n"
+          f"{'re-tuned':14}{last['test_acc']:8.4f}{last['test_asr']:8.4f}{last['test_ra']:8.4f}  {breakdown_line(last)}\n"
+          f"ASR {100 * first['test_asr']:.2f} % -> {100 * last['test_asr']:.2f} % after re-tuning on "
+          f"{summary['n_poisoned']} poisoned + {summary['n_clean']} clean samples ({summary['seconds']:.1f}s)\n"
+          f"record: {run.path}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)
