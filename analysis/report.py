@@ -80,7 +80,8 @@ def mean_table(ms) -> str:
     header = ["attack", "defense", "dataset", "model", "pratio", "target", "variant", "runs", "ACC %", "ASR %",
               "RA %", "other %", "DER %", "wall s"]
     rows = [[_cell(r.attack), _cell(r.defense), _cell(r.dataset), _cell(r.model), _cell(r.pratio), _cell(r.target),
-             _cell(r.variant), f"{r.n_runs} ({r.n_attack_seeds} × {r.n_defense_seeds})",
+             _cell(r.variant), f"{r.n_runs} ({r.n_attack_seeds} × {r.n_defense_seeds})" if r.defense != NONE
+             else f"{r.n_runs}",
              pm(r, "test_acc"), pm(r, "test_asr"), pm(r, "test_ra"), pm(r, "test_other"), pm(r, "der"),
              pm(r, "seconds", 1)] for r in ms.itertuples()]
     return _table(header, rows, ["none" if d == NONE else "" for d in ms["defense"]])
