@@ -1,7 +1,7 @@
 """Benchmark (not a test): BackdoorBench import and export times and file sizes on a CIFAR-10-shaped record
 (50,000 + 10,000 synthetic images, PreAct-ResNet-18), written by the tests' BackdoorBench writer.
 
-    python bench/interop.py                 # RAM mode; --mode disk writes PNG folders as BackdoorBench does
+    python bench/bb_interop.py              # RAM mode; --mode disk writes PNG folders as BackdoorBench does
 """
 import argparse
 import pickle
