@@ -86,7 +86,7 @@ def test_value_2_reaches_the_network_in_training_and_evaluation_with_amp_and_cha
                     torch.Generator().manual_seed(2), cfg)
     assert maxima and max(maxima) == 2.0
     maxima.clear()
-    sets = SimpleNamespace(x_test=x, y_test=y, x_bd=x, y_bd=y, y_bd_true=y)
+    sets = SimpleNamespace(x_test=x, y_test=y, x_bd=x, y_bd=y, y_bd_true=y, num_classes=10)
     evaluate_backdoor(d, sets, prec, 32)
     assert maxima and all(m == 2.0 for m in maxima)
 

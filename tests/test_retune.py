@@ -22,7 +22,7 @@ def defended(tmp_path_factory, tiny_record):
     """A copy of the tiny BadNets record with an lp defense record (its backbone frozen: re-tuning unfreezes it)."""
     from defense import ft
     rec = tmp_path_factory.mktemp("rt") / "badnet_tiny"
-    shutil.copytree(tiny_record, rec)
+    shutil.copytree(tiny_record, rec, ignore=shutil.ignore_patterns("defense"))   # other tests defend it too
     ft.main(["--result_file", str(rec), "--ft_mode", "lp", "--epochs", "1", "--split_ratio", "0.1", "--batch_size",
              "32", "--amp", "false", "--channels_last", "false"])
     return rec
