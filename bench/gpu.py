@@ -23,31 +23,12 @@ import torch.nn.functional as F
 from models import build_model
 from utils.data import DATASETS, Dataset
 from utils.engine.device import Precision, cpu_bf16, pick_device
+from utils.engine.optim import fused
+from utils.engine.timing import Stopwatch
 from utils.errors import run_main
 
 CIFAR = DATASETS["cifar10"]
 EPOCH = 50_000
-
-
-class Timer:
-    """Seconds between start() and stop(): CUDA events on a GPU (no host sync inside), the wall clock on a CPU."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def start(self):
-        if self.cuda:
-            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.a.record()
-        else:
-            self.t0 = time.perf_counter()
-
-    def stop(self):
-        if self.cuda:
-            self.b.record()
-            torch.cuda.synchronize()
-            return self.a.elapsed_time(self.b) / 1000
-        return time.perf_counter() - self.t0
 
 
 def model_for(args, precision):
@@ -82,14 +63,16 @@ def throughput(args, device, amp, cl, compile_, batch):
     model = model_for(args, precision).train()
     x8, y = synthetic(device, batch * 4)
     x = x8.float() / 255
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, **({"fused": True} if device.type == "cuda" else {}))
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, **fused(params))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     bare_steps(model, precision, x, y, batch, args.warmup, opt)   # compile, autotuning, allocator
-    t = Timer(device)
+    t = Stopwatch(device)
     t.start()
     bare_steps(model, precision, x, y, batch, args.steps, opt)
-    seconds = t.stop()
+    t.stop()
+    seconds = t.total()
     ips = batch * args.steps / seconds
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {"img_per_s": ips, "epoch_s": EPOCH / ips, "peak_gib": peak, "precision": precision.description}
@@ -142,17 +125,19 @@ def real_vs_bare(args, device, amp):
             x = precision.prepare_input(ctx.x_train.float() / 255)
             steps = n // cfg["batch_size"]
             bare_steps(model, precision, x, ctx.y_train, cfg["batch_size"], args.warmup, ctx.optimizer)
-            t = Timer(device)
+            t = Stopwatch(device)
             t.start()
             bare_steps(model, precision, x, ctx.y_train, cfg["batch_size"], steps, ctx.optimizer)
-            times[name] = t.stop()
+            t.stop()
+            times[name] = t.total()
         else:
             bare_steps(model, precision, ctx.x_train.float() / 255, ctx.y_train, cfg["batch_size"], args.warmup,
                        ctx.optimizer)
-            t = Timer(device)
+            t = Stopwatch(device)
             t.start()
             standard_epoch(ctx)
-            times[name] = t.stop()
+            t.stop()
+            times[name] = t.total()
     return times, cfg["batch_size"]
 
 

@@ -9,7 +9,6 @@ Spec: docs/specs/sau.md.
 
     python defense/sau.py --result_file badnet_demo
 """
-import time
 
 
 import torch
@@ -24,6 +23,7 @@ from utils.engine.epoch import batch_indices, progress, weighted_sum
 from utils.engine.evaluate import predict
 from utils.engine.loop import GeneratorState, Phase, fit
 from utils.engine.optim import fused
+from utils.engine.timing import Stopwatch
 from utils.options import clean_subset_options
 from utils.registry import register
 
@@ -149,32 +149,6 @@ def unlearning_step(model, ref, x, y, delta, cfg, precision, optimizer):
             "mask_fraction": mask.float().mean(),
             # the SAEs actually found, judged on the returned delta at no extra cost
             "shared_fraction": shared_mask(pred, pred_r, pred0, pred0_r).float().mean()}
-
-
-class Stopwatch:
-    """Seconds spent in timed sections: CUDA events on a GPU (read once, at the end), the wall clock on a CPU."""
-
-    def __init__(self, device):
-        self.cuda, self.seconds, self.events = device.type == "cuda", 0.0, []
-
-    def start(self):
-        if self.cuda:
-            self.events.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
-            self.events[-1][0].record()
-        else:
-            self.t0 = time.perf_counter()
-
-    def stop(self):
-        if self.cuda:
-            self.events[-1][1].record()
-        else:
-            self.seconds += time.perf_counter() - self.t0
-
-    def total(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            return sum(a.elapsed_time(b) for a, b in self.events) / 1000
-        return self.seconds
 
 
 def sau_round(model, ref, x_clean, y_clean, optimizer, cfg, precision, gen):
