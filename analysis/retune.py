@@ -5,10 +5,15 @@ clean training samples mixed with n_p poisoned ones, and the ASR after it is rep
 clean model keeps a low ASR under the same re-tuning; a superficially purified one climbs back. Spec:
 docs/specs/retune.md.
 
-    python analysis/retune.py --result_file badnet_demo/defense/fst
+    python analysis/retune.py --result_file badnet_demo/defense/fst        # a purified model
+    python analysis/retune.py --result_file badnet_demo                    # the undefended model
+    python analysis/retune.py --result_file badnet_demo --start_model clean_demo   # the clean-model control
 
-Writes <defense record>/retune/ (metrics.csv with the purified model as epoch 0, summary.json, model.pt); the
-defense record itself is not touched.
+Writes <record>/retune<suffix>/ (metrics.csv with the starting model as epoch 0, summary.json, model.pt), or
+<record>/retune_control<suffix>/ with --start_model; the records read are not touched. The control re-tunes a model
+trained without the backdoor (e.g. `python attack/badnet.py --p_num 1 --save_folder_name clean_demo`) on the same
+re-tuning set: the ASR it reaches is what 15 poisoned samples teach from scratch, the floor against which a
+defense's recovered ASR means a backdoor that was hidden rather than removed.
 """
 import math
 
@@ -35,7 +40,11 @@ from utils.run_folder import Run
 from utils.seeding import fix_random, generator
 
 OPTIONS = [
-    Opt("result_file", str, None, "the defense record: <attack record>/defense/<method> (required)"),
+    Opt("result_file", str, None, "the record to re-tune: a defense record <attack record>/defense/<method>, or an "
+        "attack record (its undefended model) (required)"),
+    Opt("start_model", str, None, "re-tune this record's model instead (the clean-model control: a record trained "
+        "without the backdoor on the same dataset and architecture); the re-tuning set and the test sets are still "
+        "result_file's attack's"),
     Opt("dataset_path", str, None, "folder holding the datasets (default: the attack's)"),
     *device_options(),
     Opt("random_seed", int, 0, "seed of the draws, the shuffle and the augmentation (the original: 42)",
@@ -54,18 +63,30 @@ OPTIONS = [
     Opt("hflip", bool, None, "random horizontal flip of the clean samples (default: the dataset's rule)"),
     Opt("out_suffix", str, "", "appended to the output folder's name (retune<suffix>)"),
 ]
-RUN_KEYS = {o.name for o in OPTIONS[:2]} | {o.name for o in device_options()} | {"random_seed", "out_suffix"}
+RUN_KEYS = {o.name for o in OPTIONS[:3]} | {o.name for o in device_options()} | {"random_seed", "out_suffix"}
 
 
-def defense_and_attack(result_file):
-    """(defense record, attack record) paths, both checked complete."""
+def target_and_attack(result_file):
+    """(the record whose model is re-tuned, its attack record), both checked complete: a defense record and its
+    attack, or an attack record twice."""
     path = record_path(result_file)
     if path.parent.name != "defense":
-        raise UserError(f"{path} is not a defense record: give <attack record>/defense/<method>, e.g. "
-                        "badnet_demo/defense/fst")
+        return check_attack_record(path), path
     if not is_complete(path):
         raise UserError(f"the defense record {path} is missing or incomplete; run the defense first")
     return path, check_attack_record(path.parent.parent)
+
+
+def start_record(start_model, attack_path):
+    """The --start_model record, checked complete and made on the attack's dataset."""
+    path = record_path(start_model)
+    if not is_complete(path) or not (path / "model.pt").exists():
+        raise UserError(f"--start_model {start_model}: no complete record with a model.pt at {path}")
+    where = path.parent.parent if path.parent.name == "defense" else path
+    if record_dataset(where) != record_dataset(attack_path):
+        raise UserError(f"--start_model {path} was made on {record_dataset(where)}, the re-tuning set is "
+                        f"{record_dataset(attack_path)}'s: give a record of the same dataset")
+    return path
 
 
 def layers(cli, user):
@@ -73,7 +94,7 @@ def layers(cli, user):
     if not result_file:
         raise UserError("--result_file is required: the defense record to re-tune, e.g. "
                         "`python analysis/retune.py --result_file badnet_demo/defense/fst`")
-    dataset = record_dataset(defense_and_attack(result_file)[1])
+    dataset = record_dataset(target_and_attack(result_file)[1])
     files = [CONFIG_DIR / "retune" / name for name in ("default.yaml", f"{dataset}.yaml")]
     return [(str(f.relative_to(CONFIG_DIR.parent)), read_yaml(f)) for f in files if f.exists()]
 
@@ -86,7 +107,10 @@ SPEC_BY_DATASET = {"fashion_mnist": {"split_ratio": 0.05, "poison_num": 15},
 
 def configure(argv=None):
     cfg, args = layered_config("analysis/retune.py", OPTIONS, __doc__, argv, layers)
-    dataset = record_dataset(defense_and_attack(cfg["result_file"])[1])
+    _, attack_path = target_and_attack(cfg["result_file"])
+    if cfg["start_model"]:
+        start_record(cfg["start_model"], attack_path)
+    dataset = record_dataset(attack_path)
     args.deviations = spec_deviations(OPTIONS, cfg, SPEC_BY_DATASET.get(dataset), skip=RUN_KEYS)
     return cfg, args
 
@@ -115,16 +139,19 @@ def retune_set(data, cfg):
 
 def main(argv=None):
     cfg, args = configure(argv)
-    defense_path, attack_path = defense_and_attack(cfg["result_file"])
+    target_path, attack_path = target_and_attack(cfg["result_file"])
+    start_path = start_record(cfg["start_model"], attack_path) if cfg["start_model"] else target_path
     fix_random(cfg["random_seed"])
     device = pick_device(cfg["device"])
     record = load_attack_record(attack_path, cfg["dataset_path"], device="cpu")
-    d = read_model_file(defense_path / "model.pt")
-    model = load_defense_model(defense_path / "model.pt")
-    defense_summary = read_json(defense_path / "summary.json", "record file")
-    run = Run(defense_path / f"retune{cfg['out_suffix']}", "retune", cfg, overwrite=args.overwrite, resume=args.resume,
-              deviations=args.deviations, extra={"defense_record": str(defense_path), "attack_record": str(attack_path),
-                                                 "defense": defense_path.name})
+    d = read_model_file(start_path / "model.pt")
+    model = load_defense_model(start_path / "model.pt")
+    # the control's starting figures are measured here, on this attack's test sets; a record's own are checked
+    start_summary = None if cfg["start_model"] else read_json(target_path / "summary.json", "record file")
+    folder = ("retune_control" if cfg["start_model"] else "retune") + cfg["out_suffix"]
+    run = Run(target_path / folder, "retune", cfg, overwrite=args.overwrite, resume=args.resume,
+              deviations=args.deviations, extra={"retuned_record": str(target_path), "attack_record": str(attack_path),
+                                                 "start_model": str(start_path)})
     try:
         print(f"retune: resolved configuration\n{format_config(cfg)}")
         info = record.model_info
@@ -141,7 +168,7 @@ def main(argv=None):
         y = torch.cat([data.y_train[p_idx], data.y_train_true[c_idx]]).to(device)
         is_poisoned = torch.cat([torch.ones(len(p_idx)), torch.zeros(len(c_idx))]).bool().to(device)
         run.update_meta(retune_set={"n": len(y), "n_poisoned": len(p_idx), "n_clean": len(c_idx)})
-        print(f"re-tuning {defense_path} on {len(c_idx)} clean + {len(p_idx)} poisoned training samples, "
+        print(f"re-tuning {start_path} on {len(c_idx)} clean + {len(p_idx)} poisoned training samples, "
               f"{cfg['epochs']} epochs, lr {cfg['lr']}")
         params = list(model.parameters())
         opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
@@ -164,23 +191,30 @@ def main(argv=None):
 
         sets = EvalSets(data, device)
         evaluate = lambda: evaluate_backdoor(model, sets, precision, cfg["eval_batch_size"])   # noqa: E731
-        phases = [Phase("purified", 1, lambda e: {}, evaluate, start=0),
+        phases = [Phase("start", 1, lambda e: {}, evaluate, start=0),
                   Phase("retune", cfg["epochs"], epoch, evaluate)]
         rows = fit(run, phases, {"model": model, "optimizer": opt, "precision": precision,
                                  "shuffle_gen": GeneratorState(shuffle_gen), "aug_gen": GeneratorState(aug_gen)})
-        return finish(run, record, d, model, rows, defense_summary, defense_path)
+        return finish(run, record, d, model, rows, start_summary, retune_name(target_path, attack_path, cfg))
     finally:
         run.close()
 
 
-def finish(run, record, d, model, rows, defense_summary, defense_path):
+def retune_name(target_path, attack_path, cfg) -> str:
+    """The row's name: <defense>+retune, none+retune (the undefended model), control+retune (--start_model)."""
+    if cfg["start_model"]:
+        return "control+retune"
+    return f"{target_path.name}+retune" if target_path != attack_path else "none+retune"
+
+
+def finish(run, record, d, model, rows, start_summary, name):
     first, last = rows[0], rows[-1]
     a = record.summary
-    same = all(abs(first[k] - defense_summary[k]) < 1e-9 for k in ("test_acc", "test_asr", "test_ra"))
+    same = start_summary is None or all(abs(first[k] - start_summary[k]) < 1e-9 for k in ("test_acc", "test_asr", "test_ra"))
     if not same:
-        print("note: the purified model's figures here differ from the defense record's summary.json (another "
-              f"precision or device?): ACC {first['test_acc']:.4f} / {defense_summary['test_acc']:.4f}, ASR "
-              f"{first['test_asr']:.4f} / {defense_summary['test_asr']:.4f}")
+        print("note: the starting model's figures here differ from the record's summary.json (another "
+              f"precision or device?): ACC {first['test_acc']:.4f} / {start_summary['test_acc']:.4f}, ASR "
+              f"{first['test_asr']:.4f} / {start_summary['test_asr']:.4f}")
     if hasattr(model, "payload"):   # PDB's defended model: its wrapper file
         payload = model.payload(d["model_name"], d.get("width"), d.get("dataset"))
     else:
@@ -188,17 +222,18 @@ def finish(run, record, d, model, rows, defense_summary, defense_path):
     run.save_model(payload)
     pick = lambda r: {k: r[k] for k in ("test_acc", "test_asr", "test_ra")}   # noqa: E731
     summary = run.finish({
-        "defense": f"{defense_path.name}+retune", "attack": record.poison["attack"],
-        "attack_record": str(record.path), "defense_record": str(defense_path), "dataset": record.config["dataset"],
-        **pick(last), **breakdown_summary(last), "purified": pick(first), "retuned": pick(last),
+        "defense": name, "evaluation": "retune", "attack": record.poison["attack"],
+        "attack_record": str(record.path), "retuned_record": run.meta["retuned_record"],
+        "start_model": run.meta["start_model"], "dataset": record.config["dataset"],
+        **pick(last), **breakdown_summary(last), "start": pick(first), "retuned": pick(last),
         "asr_gain": last["test_asr"] - first["test_asr"], "acc_change": last["test_acc"] - first["test_acc"],
-        "max_test_asr": max(r["test_asr"] for r in rows), "epoch0_matches_defense": same,
+        "max_test_asr": max(r["test_asr"] for r in rows), "epoch0_matches_record": same,
         "attack_test_acc": a["test_acc"], "attack_test_asr": a["test_asr"], "attack_test_ra": a["test_ra"],
         "der": der(a["test_acc"], a["test_asr"], last["test_acc"], last["test_asr"]),
         "n_poisoned": run.meta["retune_set"]["n_poisoned"], "n_clean": run.meta["retune_set"]["n_clean"]})
     print(f"\n{'':14}{'ACC':>8}{'ASR':>8}{'RA':>8}\n"
           f"{'attack':14}{a['test_acc']:8.4f}{a['test_asr']:8.4f}{a['test_ra']:8.4f}\n"
-          f"{'purified':14}{first['test_acc']:8.4f}{first['test_asr']:8.4f}{first['test_ra']:8.4f}  {breakdown_line(first)}\n"
+          f"{'start':14}{first['test_acc']:8.4f}{first['test_asr']:8.4f}{first['test_ra']:8.4f}  {breakdown_line(first)}\n"
           f"{'re-tuned':14}{last['test_acc']:8.4f}{last['test_asr']:8.4f}{last['test_ra']:8.4f}  {breakdown_line(last)}\n"
           f"ASR {100 * first['test_asr']:.2f} % -> {100 * last['test_asr']:.2f} % after re-tuning on "
           f"{summary['n_poisoned']} poisoned + {summary['n_clean']} clean samples ({summary['seconds']:.1f}s)\n"

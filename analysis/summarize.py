@@ -37,7 +37,7 @@ from utils.record_names import read_record_config
 KEYS = ["attack", "defense", "dataset", "model", "pratio", "target", "variant"]  # a setting; + seed = a record
 # settings that do not change what a record is (paths, devices, seeds): records differing only in them are repeats
 NOT_A_SETTING = {"save_folder_name", "result_file", "dataset_path", "device", "eval_batch_size", "random_seed",
-                 "out_name", "out_suffix", "checkpoint_every"}
+                 "out_name", "out_suffix", "checkpoint_every", "start_model"}
 METRICS = ["test_acc", "test_asr", "test_ra", "test_other", "der"]
 COLUMNS = KEYS + ["seed", "defense_seed"] + METRICS + ["test_top_wrong_class", "test_top_wrong", "seconds"]
 SETTING_KEYS = [k for k in KEYS if k != "variant"]
@@ -94,27 +94,33 @@ def _row(root, folder, s) -> dict:
     """The table row of one record (its summary.json is s); None for a summary.json that is not a record's."""
     if not all(k in s for k in ("test_acc", "test_asr", "test_ra")):
         return None  # not a record of this toolkit
-    retuned = folder.parent.parent.name == "defense"    # <attack>/defense/<method>/retune: the re-tuning attack
+    # the re-tuning attack: <attack>/defense/<method>/retune*/ or <attack>/retune*/ (the undefended model, or the
+    # clean-model control); older retune records lack the "evaluation" key
+    retuned = s.get("evaluation") == "retune" or folder.parent.parent.name == "defense"
     if "defense" in s or folder.parent.name == "defense" or retuned:
-        attack_folder = folder.parent.parent.parent if retuned else folder.parent.parent
+        under_defense = folder.parent.parent.name == "defense"
+        attack_folder = (folder.parent.parent.parent if under_defense else folder.parent) if retuned \
+            else folder.parent.parent
         parent = attack_folder / "summary.json"
         try:
             a = _attack_info(attack_folder, read_json(parent, "record file") if parent.exists() else s)
         except UserError as e:
             print(f"warning: {e}; its defense record {folder} is described from its own files", file=sys.stderr)
             a = _attack_info(attack_folder, s)
-        dcfg = _config(folder)
-        # the folder's name, without the suffix that gives each of several defense seeds a folder (sau_ds1, ...)
-        suffix = str(dcfg.get("out_suffix") or "")
-        name = folder.name[:-len(suffix)] if suffix and folder.name.endswith(suffix) else folder.name
-        if retuned:
-            name = f"{folder.parent.name}+{name}"
-        row = {**a, "defense": name, "der": s.get("der"), "rir": s.get("rir"),
-               "defense_seed": dcfg.get("random_seed")}
+        dfolder = folder.parent if retuned and under_defense else folder
+        dcfg = _config(dfolder)
+        if retuned and not under_defense:
+            name, seed = str(s.get("defense", "none+retune")), _config(folder).get("random_seed")
+        else:
+            # the folder's name, without the suffix that gives each of several defense seeds a folder (sau_ds1, ...)
+            suffix = str(dcfg.get("out_suffix") or "")
+            name = dfolder.name[:-len(suffix)] if suffix and dfolder.name.endswith(suffix) else dfolder.name
+            name, seed = (f"{name}+retune" if retuned else name), dcfg.get("random_seed")
+        row = {**a, "defense": name, "der": s.get("der"), "rir": s.get("rir"), "defense_seed": seed}
     else:
+        attack_folder = folder
         row = {**_attack_info(folder, s), "defense": NONE, "der": math.nan, "rir": math.nan, "defense_seed": None}
-    row["_settings"] = _settings(folder if row["defense"] != NONE else None,
-                                 folder.parent.parent if row["defense"] != NONE else folder)
+    row["_settings"] = _settings(folder if row["defense"] != NONE else None, attack_folder)
     row.update({k: s[k] for k in ("test_acc", "test_asr", "test_ra")})
     row.update({k: s.get(k) for k in ("test_other", "test_top_wrong_class", "test_top_wrong")})   # older: None
     row["seconds"] = s.get("seconds")

@@ -11,7 +11,8 @@ from utils.errors import UserError
 def check_job(job: Job):
     """None if the job's command passes its script's own option checks (the registered configure()), else the
     one-line error. A defense whose attack record does not exist yet is checked against the attack's dataset. A
-    script of the YAML's own is checked when it runs."""
+    script of the YAML's own, and the re-tuning attack (its options are checked by name when the sweep is read; it
+    needs its defense record to resolve the rest), are checked when they run."""
     from utils.registry import REGISTRY, discover
     discover()
     m = REGISTRY.get(job.method)
@@ -26,22 +27,23 @@ def check_job(job: Job):
 
 
 def check_jobs(jobs: list) -> dict:
-    """{job name: error} for every job whose command line is refused, and every defense of a refused attack."""
+    """{job name: error} for every job whose command line is refused, and every job below a refused one (parents
+    come first in `jobs`)."""
     invalid = {}
     for j in jobs:
         msg = check_job(j)
         if msg is None and j.parent is not None and j.parent.name in invalid:
-            msg = f"its attack {j.parent.name} is invalid"
+            msg = f"{j.parent.name}, whose record it needs, is invalid"
         if msg is not None:
             invalid[j.name] = msg
     return invalid
 
 
 def drop_invalid(jobs: list, invalid: dict) -> list:
-    """The attack jobs that are valid, each without its invalid defense jobs (--skip_invalid)."""
-    kept = [a for a in jobs if a.name not in invalid]
-    for a in kept:
-        a.children = [d for d in a.children if d.name not in invalid]
+    """The jobs that are valid, each with only its valid children, at every level (--skip_invalid)."""
+    kept = [j for j in jobs if j.name not in invalid]
+    for j in kept:
+        j.children = drop_invalid(j.children, invalid)
     return kept
 
 

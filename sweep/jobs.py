@@ -1,4 +1,5 @@
-"""A sweep YAML -> the jobs it asks for: the attacks of a grid, and the defenses on each attack record
+"""A sweep YAML -> the jobs it asks for: the attacks of a grid, the defenses on each attack record and, with
+`retune:`, the re-tuning attack on each defense record: a tree whose every job needs its parent's record
 (sweep/checks.py checks them before anything runs)."""
 import itertools
 import pathlib
@@ -26,21 +27,24 @@ NAME_ORDER = ("dataset", "model", "pratio", "target", "seed")        # parts of 
 NAME_PREFIX = {"dataset": "", "model": "", "pratio": "p", "target": "t", "seed": "s"}
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "gpu_memory")
 RAY_KEYS = ("num_cpus", "num_gpus", "memory")   # gpu_memory (GiB a job needs on its card) is checked, not sent
-TOP_KEYS = ("name", "root", "dataset_path", "grid", "attacks", "defenses", "args", "resources", "defense_seed")
+TOP_KEYS = ("name", "root", "dataset_path", "grid", "attacks", "defenses", "args", "resources", "defense_seed",
+            "retune")
+RETUNE_SCRIPT = "analysis/retune.py"
+RETUNE_FIXED = ("result_file", "random_seed", "out_suffix", "start_model")   # set by the sweep, not by `retune:`
 
 
 @dataclass
 class Job:
     name: str                  # unique, also the log's name
-    kind: str                  # "attack" or "defense"
-    method: str                # attack or defense name
+    kind: str                  # "attack", "defense" or "retune"
+    method: str                # attack or defense name, or "retune"
     script: str
     args: list
     out: pathlib.Path          # the record folder this job completes
     resources: dict
     log: pathlib.Path
     dataset: str = "fashion_mnist"   # the attack's dataset (a defense job is checked against it)
-    parent: "Job" = None       # the attack a defense job needs
+    parent: "Job" = None       # the job whose record this one needs (a defense's attack, a retune's defense)
     values: dict = field(default_factory=dict)   # an attack's {dataset, model, seed}, for its defenses' templates
     children: list = field(default_factory=list)
     status: str = "todo"       # todo, skipped, running, done, failed, blocked
@@ -67,6 +71,13 @@ class Job:
 
     def ray_resources(self):
         return {k: v for k, v in self.resources.items() if k in RAY_KEYS}
+
+
+def walk(jobs):
+    """Every job of the trees, each before its children."""
+    for j in jobs:
+        yield j
+        yield from walk(j.children)
 
 
 def is_complete(path) -> bool:
@@ -203,6 +214,7 @@ class Plan:
     defense_seed: object
     override: dict
     warn: object
+    retune: dict = None        # the re-tuning attack's options after every defense; None: none
 
 
 def _plan(cfg, root, override_res, warn) -> Plan:
@@ -218,7 +230,26 @@ def _plan(cfg, root, override_res, warn) -> Plan:
                         "a list of distinct integers (each defense runs once per seed on every attack record)")
     dataset_path = cfg.get("dataset_path")
     return Plan(cfg, root, args, None if dataset_path is None else str(_script_path(dataset_path)), defense_seed,
-                override_res or {}, warn)
+                override_res or {}, warn, _retune_options(cfg.get("retune", False)))
+
+
+def _retune_options(value):
+    """retune: false (default), true (the re-tuning attack with its dataset's settings after every defense), or a
+    mapping of analysis/retune.py options."""
+    if value in (None, False):
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"retune = {value!r}; allowed: false, true, or a mapping of analysis/retune.py options "
+                        "(e.g. {epochs: 5})")
+    from analysis.retune import OPTIONS
+    known = {o.name for o in OPTIONS} - set(RETUNE_FIXED)
+    bad = sorted(set(value) - known)
+    if bad:
+        raise UserError(f"retune: unknown option(s) {bad}; allowed: {', '.join(sorted(known))} (the sweep sets "
+                        f"{', '.join(RETUNE_FIXED[:3])} itself)")
+    return dict(value)
 
 
 def _attack_job(p: Plan, a: str, spec: dict, point: dict) -> Job:
@@ -260,13 +291,28 @@ def _defense_job(p: Plan, job: Job, d: str, dspec: dict, seed=None, suffix=""):
         seed = job.values["seed"] if p.defense_seed == "grid" else p.defense_seed
     d_args += ["--random_seed", str(seed)] + (["--out_suffix", suffix] if suffix else [])
     d_args += _option_args(p.args.get("defense") or {}, "args.defense") + _option_args(p.args.get(d) or {}, f"args.{d}")
-    return Job(f"{job.name}__{d}{suffix}", "defense", d, dspec["script"], d_args,
-               job.out / "defense" / (str(dspec.get("out", d)) + suffix), _resources(p.cfg, "defense", d, p.override),
-               p.root / "sweep_logs" / f"{job.name}__{d}{suffix}.log", job.dataset, job)
+    dj = Job(f"{job.name}__{d}{suffix}", "defense", d, dspec["script"], d_args,
+             job.out / "defense" / (str(dspec.get("out", d)) + suffix), _resources(p.cfg, "defense", d, p.override),
+             p.root / "sweep_logs" / f"{job.name}__{d}{suffix}.log", job.dataset, job, values=job.values)
+    if p.retune is not None:
+        dj.children = [_retune_job(p, dj, seed)]
+    return dj
+
+
+def _retune_job(p: Plan, dj: Job, seed) -> Job:
+    """The re-tuning attack on defense job dj's record, at the defense's seed; resources under resources.retune."""
+    r_args = ["--result_file", str(dj.out), "--random_seed", str(seed)]
+    if p.dataset_path:
+        r_args += ["--dataset_path", p.dataset_path]
+    r_args += _option_args(p.retune, "retune")
+    return Job(f"{dj.name}__retune", "retune", "retune", RETUNE_SCRIPT, r_args, dj.out / "retune",
+               _resources(p.cfg, "retune", "retune", p.override), p.root / "sweep_logs" / f"{dj.name}__retune.log",
+               dj.dataset, dj, values=dj.values)
 
 
 def expand(cfg: dict, root: pathlib.Path, override_res=None, warn=print) -> list:
-    """Every attack job of the grid, each with its defense jobs as children. Nothing runs here."""
+    """Every attack job of the grid, each with its defense jobs as children (and theirs, the re-tuning attack, with
+    `retune:`). Nothing runs here."""
     attacks = _registry(builtin("attack"), cfg.get("attacks"), "attack")
     defenses = _registry(builtin("defense"), None, "defense")
     grid = dict(cfg["grid"])

@@ -1,5 +1,6 @@
 """Run a grid of experiments on Ray: every attack of the grid (attacks x datasets x models x pratios x seeds ...),
-then every defense on each finished attack record, each job a Ray task that runs the ordinary command
+then every defense on each finished attack record (and, with `retune:`, the re-tuning attack on each finished
+defense record), each job a Ray task that runs the ordinary command
 (`python attack/<a>.py ...`, `python defense/<d>.py --result_file ...`) in a subprocess with its own log.
 
     python sweep/run.py config/sweep/demo.yaml                         # a local Ray instance on this machine
@@ -22,7 +23,7 @@ import sys
 import time
 
 from sweep.checks import check_jobs, drop_invalid, report_invalid
-from sweep.jobs import expand, is_complete, load_sweep
+from sweep.jobs import expand, is_complete, load_sweep, walk
 from sweep.ray_tasks import check_feasible, last_line, run_job, start_ray
 from utils.errors import UserError, run_main
 
@@ -71,25 +72,24 @@ class Submitter:
         self.pending[ref] = job
 
     def submit_or_skip(self, jobs) -> int:
-        """Submit each job whose record is not complete; returns how many were skipped."""
+        """Submit each job whose record is not complete, and the children of each that is; returns how many were
+        skipped."""
         skipped = 0
         for j in jobs:
             if is_complete(j.out):
                 j.status = "skipped"
-                skipped += 1
+                skipped += 1 + self.submit_or_skip(j.children)
             else:
                 self.submit(j)
         return skipped
 
 
 def run_sweep(jobs: list, ray, progress_every=60.0):
-    """Submit attacks, then each attack's defenses as soon as its record is complete; return when all are settled."""
+    """Submit attacks, then each job's children (an attack's defenses, a defense's re-tuning) as soon as its record
+    is complete; return when all are settled."""
     sub = Submitter(ray)
-    every = [j for a in jobs for j in [a, *a.children]]
+    every = list(walk(jobs))
     skipped = sub.submit_or_skip(jobs)
-    for a in jobs:
-        if a.status == "skipped":
-            skipped += sub.submit_or_skip(a.children)
     prog = Progress(len(every), skipped)
     prog.line(every)
     try:
@@ -106,9 +106,9 @@ def run_sweep(jobs: list, ray, progress_every=60.0):
                 note = f"{'finished' if ok else 'FAILED'} {job.name}" + (f" ({job.seconds:.0f}s)" if job.seconds else "")
                 if not ok:
                     note += f": {job.message}; log {job.log}"
-                    for d in job.children:
-                        d.status, d.message = "blocked", f"not run: its attack {job.name} failed"
-                elif job.kind == "attack":
+                    for d in walk(job.children):
+                        d.status, d.message = "blocked", f"not run: {job.name}, whose record it needs, failed"
+                else:
                     prog.skipped += sub.submit_or_skip(job.children)
                 prog.line(every, note)
             if not done and time.time() - prog.last >= progress_every:
@@ -203,9 +203,11 @@ def main(argv=None):
     root = pathlib.Path(args.root or cfg.get("root") or f"record/sweep_{cfg['name']}")
     root = (root if root.is_absolute() else REPO / root).resolve()
     jobs = expand(cfg, root, {"num_cpus": args.num_cpus_per_job, "num_gpus": args.num_gpus_per_job})
-    every = [j for a in jobs for j in [a, *a.children]]
+    every = list(walk(jobs))
     todo = [j for j in every if not is_complete(j.out)]
-    print(f"sweep {cfg['name']}: {len(jobs)} attack and {len(every) - len(jobs)} defense jobs, {len(every) - len(todo)} "
+    n_retune = sum(j.kind == "retune" for j in every)
+    print(f"sweep {cfg['name']}: {len(jobs)} attack and {len(every) - len(jobs) - n_retune} defense jobs"
+          + (f", {n_retune} re-tuning attacks" if n_retune else "") + f", {len(every) - len(todo)} "
           f"already complete; records under {root}")
     invalid = check_jobs(todo)
     if args.dry_run:
@@ -222,7 +224,7 @@ def main(argv=None):
             print("nothing was run: fix the sweep YAML, or pass --skip_invalid to run the other jobs", file=sys.stderr)
             return 2
         jobs = drop_invalid(jobs, invalid)
-        every = [j for a in jobs for j in [a, *a.children]]
+        every = list(walk(jobs))
         todo = [j for j in every if not is_complete(j.out)]
         print(f"--skip_invalid: running the other {len(todo)} job(s)")
     t0 = time.time()

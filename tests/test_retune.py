@@ -49,8 +49,8 @@ def test_retune_starts_from_the_purified_model_trains_every_weight_and_leaves_th
     s = retune.main(["--result_file", str(defended / "defense" / "lp"), *FAST])
     out = defended / "defense" / "lp" / "retune"
     rows = pd.read_csv(out / "metrics.csv")
-    assert list(rows["epoch"]) == [0, 1, 2] and list(rows["phase"]) == ["purified", "retune", "retune"]
-    assert s["epoch0_matches_defense"] and s["purified"]["test_asr"] == rows["test_asr"][0]
+    assert list(rows["epoch"]) == [0, 1, 2] and list(rows["phase"]) == ["start", "retune", "retune"]
+    assert s["epoch0_matches_record"] and s["start"]["test_asr"] == rows["test_asr"][0]
     assert s["n_poisoned"] == 10 and s["defense"] == "lp+retune"
     assert digest(defended / "defense" / "lp") == before   # only the retune/ folder was added
     lp = torch.load(defended / "defense" / "lp" / "model.pt", weights_only=True)["state_dict"]
@@ -81,8 +81,30 @@ def test_resume_equals_an_uninterrupted_run(defended, monkeypatch, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_the_undefended_model_and_the_clean_model_control(defended):
+    """An attack record re-tunes its own model (none+retune); --start_model re-tunes another record's model on the
+    same re-tuning set (control+retune), its epoch 0 being that model on this attack's test sets."""
+    none = retune.main(["--result_file", str(defended), *FAST])
+    assert none["defense"] == "none+retune" and none["epoch0_matches_record"]
+    attack = pd.read_csv(defended / "metrics.csv").iloc[-1]
+    assert none["start"]["test_asr"] == pytest.approx(attack["test_asr"])
+    lp = defended / "defense" / "lp"
+    ctrl = retune.main(["--result_file", str(defended), "--start_model", str(lp), *FAST])
+    out = defended / "retune_control"
+    assert ctrl["defense"] == "control+retune" and ctrl["start_model"] == str(lp) and (out / "model.pt").exists()
+    lp_summary = pd.read_json(lp / "summary.json", typ="series")
+    assert ctrl["start"]["test_acc"] == pytest.approx(lp_summary["test_acc"])   # lp's model, not the attack's
+    # the same re-tuning set as the undefended run: same draws, same seed
+    assert (out / "poison_index.txt").read_text() == (defended / "retune" / "poison_index.txt").read_text()
+    df = collect(defended)
+    rows = df[df["defense"].isin(["none+retune", "control+retune"])]
+    assert len(rows) == 2 and set(rows["attack"]) == {"badnet"}
+
+
 def test_bad_targets_are_refused(defended):
-    with pytest.raises(UserError, match="not a defense record"):
-        retune.main(["--result_file", str(defended)])
     with pytest.raises(UserError, match="missing or incomplete"):
         retune.main(["--result_file", str(defended / "defense" / "nothing")])
+    with pytest.raises(UserError, match="no attack record"):
+        retune.main(["--result_file", str(defended.parent / "nothing")])
+    with pytest.raises(UserError, match="--start_model .*no complete record"):
+        retune.main(["--result_file", str(defended), "--start_model", str(defended.parent / "nothing"), *FAST])

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from analysis.summarize import collect, mean_std, summarize
-from sweep.jobs import expand, load_sweep
+from sweep.jobs import expand, load_sweep, walk
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,11 +146,13 @@ def test_every_shipped_job_parses_with_its_scripts_own_options(tmp_path):
     for f in sorted((REPO / "config" / "sweep").glob("*.yaml")):
         name = f.stem
         jobs = expand(load_sweep(f), tmp_path, warn=lambda m: None)
-        every = [j for a in jobs for j in [a, *a.children]]
-        counts[name] = (len(jobs), len(every) - len(jobs))
+        every = list(walk(jobs))
+        n_retune = sum(j.kind == "retune" for j in every)
+        counts[name] = (len(jobs), len(every) - len(jobs) - n_retune) + ((n_retune,) if n_retune else ())
         for j in every:
             mod = importlib.import_module(j.script[:-3].replace("/", "."))
-            opts = (ATTACK_OPTIONS if j.kind == "attack" else DEFENSE_OPTIONS) + getattr(mod, "OPTIONS", [])
+            base = {"attack": ATTACK_OPTIONS, "defense": DEFENSE_OPTIONS, "retune": []}[j.kind]
+            opts = base + getattr(mod, "OPTIONS", [])
             if j.script == "defense/fst.py":
                 opts = DEFENSE_OPTIONS + mod.ft.OPTIONS
             build_parser(j.script, opts).parse_args(j.command()[2:])   # SystemExit on an unknown option
@@ -159,6 +161,83 @@ def test_every_shipped_job_parses_with_its_scripts_own_options(tmp_path):
     from utils.registry import methods
     assert counts["paper_cifar10"][1] == len(methods("defense")) * counts["paper_cifar10"][0]   # defenses: all
     assert counts["ft_family"] == (4, 4 * 5) and counts["bypass"] == (2, 2 * 8)
+    assert counts["demo_seeds"] == (6, 6 * 9, 6 * 9)   # and the re-tuning attack after every defense
+
+
+def test_retune_adds_a_job_after_every_defense_at_the_defense_seed(tmp_path):
+    cfg = {"grid": {"attack": "badnet", "seed": 3}, "defenses": ["fst", "sau"], "defense_seed": [0, 1],
+           "retune": {"epochs": 2}, "resources": {"retune": {"num_cpus": 2}}}
+    a = expand(cfg, tmp_path)[0]
+    assert [d.name for d in a.children] == [f"{a.name}__{d}_ds{s}" for d in ("fst", "sau") for s in (0, 1)]
+    for d in a.children:
+        r, = d.children
+        seed = d.args[d.args.index("--random_seed") + 1]
+        assert r.kind == "retune" and r.parent is d and r.script == "analysis/retune.py" and r.out == d.out / "retune"
+        assert r.args[:4] == ["--result_file", str(d.out), "--random_seed", seed] and "--epochs" in r.args
+        assert r.resources == {"num_cpus": 2, "num_gpus": 0} and r.command()[-1] == "--resume"
+    assert [j.kind for j in walk([a])][:3] == ["attack", "defense", "retune"]   # parents first
+    assert all(not d.children for d in expand({**cfg, "retune": False}, tmp_path)[0].children)
+    with pytest.raises(UserError, match="retune: unknown option.*'epoch'"):
+        expand({**cfg, "retune": {"epoch": 2}}, tmp_path)
+    with pytest.raises(UserError, match="retune = 'yes'"):
+        expand({**cfg, "retune": "yes"}, tmp_path)
+
+
+class FakeRay:
+    """Ray's calls that run_sweep makes, in-process: a task 'runs' when ray.wait returns it, writing its record's
+    summary.json unless its record is in `fail`."""
+
+    def __init__(self, fail=()):
+        self.fail, self.order, self.refs = set(fail), [], {}
+
+    def remote(self, fn):
+        fake = self
+
+        class Task:
+            def options(self, **kw):
+                return self
+
+            def remote(self, command, repo, log, threads, out):
+                ref = object()
+                fake.refs[ref] = Path(out)
+                return ref
+        return Task()
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:1], refs[1:]
+
+    def get(self, ref):
+        out = self.refs.pop(ref)
+        self.order.append(out)
+        if out in self.fail:
+            return {"rc": 1, "seconds": 0.1}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text("{}")
+        return {"rc": 0, "seconds": 0.1}
+
+
+def test_a_three_level_sweep_runs_each_job_after_its_parent_and_blocks_below_a_failure(tmp_path):
+    from sweep import run as sweep_run
+    cfg = {"grid": {"attack": ["badnet", "blend"]}, "defenses": ["fst", "sau"], "retune": True}
+    jobs = expand(cfg, tmp_path)
+    badnet, blend = jobs
+    fst = badnet.children[0]
+    (fst.out).mkdir(parents=True)                       # badnet's record and its fst record are complete already:
+    (fst.out / "summary.json").write_text("{}")        # fst's re-tuning still runs
+    (badnet.out / "summary.json").write_text("{}")
+    sau = blend.children[1]
+    fake = FakeRay(fail={sau.out})
+    every = sweep_run.run_sweep(jobs, fake, progress_every=1e9)
+    status = {j.name: j.status for j in every}
+    assert status[badnet.name] == status[fst.name] == "skipped"
+    assert status[fst.children[0].name] == "done" and status[badnet.children[1].children[0].name] == "done"
+    assert status[sau.name] == "failed" and status[sau.children[0].name] == "blocked"
+    assert "needs, failed" in sau.children[0].message
+    for j in every:   # a child ran only after its parent's record was complete
+        if j.out in fake.order and j.parent is not None and j.parent.out in fake.order:
+            assert fake.order.index(j.parent.out) < fake.order.index(j.out)
+    ran = {j.out for j in every if j.status in ("done", "failed")}
+    assert len(fake.order) == len(ran) == 7   # badnet: sau, 2 retunes; blend, its 2 defenses, fst's retune
 
 
 def test_a_defense_script_that_does_not_exist_is_an_error(tmp_path):
