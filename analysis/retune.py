@@ -8,29 +8,35 @@ docs/specs/retune.md.
     python analysis/retune.py --result_file badnet_demo/defense/fst        # a purified model
     python analysis/retune.py --result_file badnet_demo                    # the undefended model
     python analysis/retune.py --result_file badnet_demo --start_model clean_demo   # the clean-model control
+    python analysis/retune.py --result_file badnet_demo/defense/fst --qra universal --qra_clean_model clean_demo
 
 Writes <record>/retune<suffix>/ (metrics.csv with the starting model as epoch 0, summary.json, model.pt), or
 <record>/retune_control<suffix>/ with --start_model; the records read are not touched. The control re-tunes a model
 trained without the backdoor (e.g. `python attack/badnet.py --p_num 1 --save_folder_name clean_demo`) on the same
 re-tuning set: the ASR it reaches is what 15 poisoned samples teach from scratch, the floor against which a
-defense's recovered ASR means a backdoor that was hidden rather than removed.
+defense's recovered ASR means a backdoor that was hidden rather than removed. --qra universal then searches one
+L-inf perturbation (16/255) that makes the purified model act as the re-tuned one while the clean model stays
+correct: a backdoor reactivated without touching the deployed weights (spec §4.3; qra.json).
 """
+import json
 import math
 
+import safetensors.torch
 import torch
+import torch.nn.functional as F
 
 from utils.attack import data_hflip
 from utils.config import CONFIG_DIR, Opt, format_config, in_range, layered_config, read_yaml, spec_deviations
 from utils.engine.augment import random_crop_flip, to_unit
 from utils.engine.device import pick_device
-from utils.engine.epoch import train_epoch_supervised
-from utils.engine.evaluate import EvalSets, breakdown_line, breakdown_summary, evaluate_backdoor
+from utils.engine.epoch import batch_indices, train_epoch_supervised
+from utils.engine.evaluate import EvalSets, breakdown_line, breakdown_summary, evaluate_backdoor, predict
 from utils.engine.loop import GeneratorState, Phase, fit
 from utils.engine.optim import fused
 from utils.engine.setup import start_engine
 from utils.errors import UserError, run_main
 from utils.io import read_json
-from utils.metrics import der
+from utils.metrics import accuracy, der
 from utils.model_file import load_defense_model, model_payload, read_model_file
 from utils.options import device_options
 from utils.poison import uniform_draw
@@ -62,8 +68,22 @@ OPTIONS = [
         check=in_range(0)),
     Opt("hflip", bool, None, "random horizontal flip of the clean samples (default: the dataset's rule)"),
     Opt("out_suffix", str, "", "appended to the output folder's name (retune<suffix>)"),
+    # spec §4.3: backdoor reactivation without touching the deployed model, after the re-tuning
+    Opt("qra", str, "none", "after re-tuning, search one universal L-inf perturbation that makes the purified model "
+        "act as the re-tuned one while a clean model stays correct (spec §4.3; 'none': skip)",
+        choices=("none", "universal")),
+    Opt("qra_clean_model", str, None, "with --qra: the record of a model trained without the backdoor (required)"),
+    Opt("qra_eps", float, 16 / 255, "with --qra: L-inf budget of the perturbation, pixel units",
+        check=in_range(0, 1, lo_open=True)),
+    Opt("qra_alpha", float, 0.2, "with --qra: weight of the KL term (the clean model's CE has weight 1)",
+        check=in_range(0)),
+    Opt("qra_epochs", int, 50, "with --qra: epochs over its data, one signed step of eps/10 per batch",
+        check=in_range(1)),
+    Opt("qra_num", int, 500, "with --qra: clean and poisoned training images each (poisoned: not of the target "
+        "class)", check=in_range(1)),
 ]
-RUN_KEYS = {o.name for o in OPTIONS[:3]} | {o.name for o in device_options()} | {"random_seed", "out_suffix"}
+RUN_KEYS = ({o.name for o in OPTIONS[:3]} | {o.name for o in device_options()}
+            | {"random_seed", "out_suffix", "qra_clean_model"})
 
 
 def target_and_attack(result_file):
@@ -110,6 +130,14 @@ def configure(argv=None):
     _, attack_path = target_and_attack(cfg["result_file"])
     if cfg["start_model"]:
         start_record(cfg["start_model"], attack_path)
+    if cfg["qra"] != "none":
+        if not cfg["qra_clean_model"]:
+            raise UserError("--qra needs --qra_clean_model: a record trained without the backdoor, e.g. "
+                            "`python attack/badnet.py --p_num 1 --save_folder_name clean_demo`")
+        if cfg["start_model"]:
+            raise UserError("--qra reactivates the backdoor of the record's own model; it does not combine with "
+                            "--start_model (the control)")
+        start_record(cfg["qra_clean_model"], attack_path)
     dataset = record_dataset(attack_path)
     args.deviations = spec_deviations(OPTIONS, cfg, SPEC_BY_DATASET.get(dataset), skip=RUN_KEYS)
     return cfg, args
@@ -195,9 +223,88 @@ def main(argv=None):
                   Phase("retune", cfg["epochs"], epoch, evaluate)]
         rows = fit(run, phases, {"model": model, "optimizer": opt, "precision": precision,
                                  "shuffle_gen": GeneratorState(shuffle_gen), "aug_gen": GeneratorState(aug_gen)})
-        return finish(run, record, d, model, rows, start_summary, retune_name(target_path, attack_path, cfg))
+        qra = None
+        if cfg["qra"] == "universal":
+            qra = reactivation(run, record, cfg, precision, sets, model, start_path, c_idx, device)
+        return finish(run, record, d, model, rows, start_summary, retune_name(target_path, attack_path, cfg), qra)
     finally:
         run.close()
+
+
+# --- reactivation without re-tuning the deployed model: the universal variant (spec §4.3) -----------------------
+
+def qra_loss(logits_pur, logits_ra, logits_clean, y_true, alpha):
+    """alpha KL(softmax(f_RA(x)) || softmax(f_pur(x + delta))) (mean over the batch) + CE(f_clean(x + delta), y):
+    the purified model on the perturbed image behaves as the re-tuned one on the plain image, while a clean model
+    keeps the true label (so delta is no ordinary adversarial perturbation)."""
+    kl = F.kl_div(logits_pur.float().log_softmax(1), logits_ra.float().log_softmax(1), log_target=True,
+                  reduction="batchmean")
+    return alpha * kl + F.cross_entropy(logits_clean.float(), y_true)
+
+
+def universal_delta(pur, ra, clean, x, y_true, cfg, gen):
+    """One perturbation for every image, ||delta||_inf <= eps, images clipped to [0, 1]; a signed step of eps/10
+    after each batch of 128, qra_epochs epochs. The three models are frozen, in eval mode."""
+    eps = cfg["qra_eps"]
+    delta = torch.zeros_like(x[:1])
+    with torch.no_grad():
+        logits_ra = torch.cat([ra(x[i:i + 1024]) for i in range(0, len(x), 1024)])
+    for _ in range(cfg["qra_epochs"]):
+        for idx in batch_indices(len(x), 128, gen, device=x.device):
+            delta.requires_grad_(True)
+            xt = (x[idx] + delta).clamp(0, 1)
+            loss = qra_loss(pur(xt), logits_ra[idx], clean(xt), y_true[idx], cfg["qra_alpha"])
+            grad, = torch.autograd.grad(loss, delta)
+            delta = (delta.detach() - eps / 10 * grad.sign()).clamp_(-eps, eps)
+    return delta.detach()
+
+
+def reactivation_figures(model, sets, delta, target, precision, batch_size):
+    """The share of clean test images (not of the target class) + delta predicted as the target, and the ASR of
+    the poisoned test images + delta."""
+    add = lambda xb: (xb + delta).clamp(0, 1)   # noqa: E731
+    pc, _ = predict(model, sets.x_test, precision, batch_size, transform=add)
+    keep = sets.y_test != target
+    pb, _ = predict(model, sets.x_bd, precision, batch_size, transform=add)
+    return {"clean_to_target": accuracy(pc[keep], sets.y_test.new_full((int(keep.sum()),), target)),
+            "asr": accuracy(pb, sets.y_bd)}
+
+
+def reactivation(run, record, cfg, precision, sets, ra_model, start_path, c_idx, device):
+    """The universal variant of the query-based reactivation attack (spec §4.2 data and objective, §4.3 delta):
+    qra_num clean re-tuning images and qra_num poisoned training images of other classes than the target."""
+    if record.poison["attack_label_trans"] != "all2one":
+        raise UserError("--qra needs an all2one attack (its figures count the one target label)")
+    target, data = int(record.poison["attack_target"]), record.data
+    tr = data.train_indices
+    pool = tr[(data.poison_indicator[tr] == 1) & (data.y_train_true[tr] != target)]
+    n = cfg["qra_num"]
+    if n > len(c_idx) or n > len(pool):
+        raise UserError(f"qra_num {n} exceeds the {len(c_idx)} clean re-tuning images or the {len(pool)} poisoned "
+                        "training images of other classes; lower --qra_num")
+    p_idx = pool[torch.randperm(len(pool), generator=generator(cfg["random_seed"], "qra_poison"))[:n]]
+    x = to_unit(torch.cat([data.x_train_clean[c_idx[:n]], data.x_train[p_idx]])).to(device)
+    y = torch.cat([data.y_train_true[c_idx[:n]], data.y_train_true[p_idx]]).to(device)
+    frozen = lambda path: load_defense_model(path / "model.pt", device).eval().requires_grad_(False)   # noqa: E731
+    pur, clean = frozen(start_path), frozen(record_path(cfg["qra_clean_model"]))
+    ra = ra_model.eval().requires_grad_(False)
+    print(f"qra (universal): eps {cfg['qra_eps']:.4f}, {cfg['qra_epochs']} epochs on {n} clean + {n} poisoned images")
+    delta = universal_delta(pur, ra, clean, x, y, cfg, generator(cfg["random_seed"], "qra_shuffle"))
+    plain = torch.zeros_like(delta)
+    out = {"mode": "universal", "eps": cfg["qra_eps"], "alpha": cfg["qra_alpha"], "epochs": cfg["qra_epochs"],
+           "n_clean": n, "n_poisoned": n, "clean_model": str(record_path(cfg["qra_clean_model"])),
+           "linf": float(delta.abs().max())}
+    for name, m in (("purified", pur), ("clean", clean)):
+        for tag, dl in (("", delta), ("_no_delta", plain)):
+            for k, v in reactivation_figures(m, sets, dl, target, precision, cfg["eval_batch_size"]).items():
+                out[f"{name}_{k}{tag}"] = v
+    run.write_file("qra.json", json.dumps(out, indent=2) + "\n")
+    run.write_file("qra_delta.safetensors", safetensors.torch.save({"delta": delta.cpu().contiguous()}))
+    print(f"qra: purified model ASR {100 * out['purified_asr_no_delta']:.2f} % -> {100 * out['purified_asr']:.2f} % "
+          f"with delta, clean images to the target {100 * out['purified_clean_to_target']:.2f} %; clean model ASR "
+          f"{100 * out['clean_asr']:.2f} % with delta")
+    ra.requires_grad_(True)
+    return out
 
 
 def retune_name(target_path, attack_path, cfg) -> str:
@@ -207,7 +314,7 @@ def retune_name(target_path, attack_path, cfg) -> str:
     return f"{target_path.name}+retune" if target_path != attack_path else "none+retune"
 
 
-def finish(run, record, d, model, rows, start_summary, name):
+def finish(run, record, d, model, rows, start_summary, name, qra=None):
     first, last = rows[0], rows[-1]
     a = record.summary
     same = start_summary is None or all(abs(first[k] - start_summary[k]) < 1e-9 for k in ("test_acc", "test_asr", "test_ra"))
@@ -230,7 +337,8 @@ def finish(run, record, d, model, rows, start_summary, name):
         "max_test_asr": max(r["test_asr"] for r in rows), "epoch0_matches_record": same,
         "attack_test_acc": a["test_acc"], "attack_test_asr": a["test_asr"], "attack_test_ra": a["test_ra"],
         "der": der(a["test_acc"], a["test_asr"], last["test_acc"], last["test_asr"]),
-        "n_poisoned": run.meta["retune_set"]["n_poisoned"], "n_clean": run.meta["retune_set"]["n_clean"]})
+        "n_poisoned": run.meta["retune_set"]["n_poisoned"], "n_clean": run.meta["retune_set"]["n_clean"],
+        **({"qra": qra} if qra else {})})
     print(f"\n{'':14}{'ACC':>8}{'ASR':>8}{'RA':>8}\n"
           f"{'attack':14}{a['test_acc']:8.4f}{a['test_asr']:8.4f}{a['test_ra']:8.4f}\n"
           f"{'start':14}{first['test_acc']:8.4f}{first['test_asr']:8.4f}{first['test_ra']:8.4f}  {breakdown_line(first)}\n"

@@ -108,3 +108,32 @@ def test_bad_targets_are_refused(defended):
         retune.main(["--result_file", str(defended.parent / "nothing")])
     with pytest.raises(UserError, match="--start_model .*no complete record"):
         retune.main(["--result_file", str(defended), "--start_model", str(defended.parent / "nothing"), *FAST])
+
+
+def test_the_reactivation_loss_is_the_specs_formula():
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    lp, lr, lc = (torch.randn(4, 3, generator=g) for _ in range(3))
+    y = torch.tensor([0, 2, 1, 1])
+    p_ra, q = lr.softmax(1), lp.softmax(1)
+    kl = (p_ra * (p_ra.log() - q.log())).sum(1).mean()
+    ce = -lc.log_softmax(1)[torch.arange(4), y].mean()
+    assert retune.qra_loss(lp, lr, lc, y, 0.2).item() == pytest.approx((0.2 * kl + ce).item(), rel=1e-5)
+    assert F.kl_div(lp.log_softmax(1), lp.log_softmax(1), log_target=True, reduction="batchmean").item() == 0
+
+
+def test_universal_reactivation_stays_in_its_budget_and_reports_both_models(defended):
+    from safetensors.torch import load_file
+    lp = defended / "defense" / "lp"
+    eps = 8 / 255
+    s = retune.main(["--result_file", str(lp), *FAST, "--out_suffix", "_qra", "--qra", "universal",
+                     "--qra_clean_model", str(defended), "--qra_epochs", "2", "--qra_num", "20", "--qra_eps", str(eps)])
+    q = s["qra"]
+    delta = load_file(lp / "retune_qra" / "qra_delta.safetensors")["delta"]
+    assert delta.shape == (1, 1, 28, 28) and delta.abs().max().item() <= eps + 1e-7 and q["linf"] > 0
+    # without the perturbation the purified model's ASR is the record's own: the stage evaluates the purified
+    # model, not the re-tuned one
+    assert q["purified_asr_no_delta"] == pytest.approx(s["start"]["test_asr"])
+    assert all(0 <= q[k] <= 1 for k in ("purified_asr", "purified_clean_to_target", "clean_asr", "clean_clean_to_target"))
+    with pytest.raises(UserError, match="--qra needs --qra_clean_model"):
+        retune.main(["--result_file", str(lp), *FAST, "--qra", "universal"])
