@@ -17,6 +17,7 @@ from models import build_model
 from utils.attack import Training, attack_config, run_attack, split_train_metrics
 from utils.config import Opt, in_range, spec_deviations
 from utils.data import DATASETS
+from utils.detection import roc_auc
 from utils.engine.augment import to_unit
 from utils.engine.device import to_device
 from utils.engine.epoch import batch_indices, progress, weighted_sum
@@ -161,18 +162,6 @@ def bypass_epoch(ctx, disc, disc_optimizer):
 
 
 # --- held-out evaluation of D ----------------------------------------------------------------------------
-
-def roc_auc(scores, labels):
-    """Area under the ROC curve (Mann-Whitney, ties counted one half); nan when a class is missing."""
-    s, pos = scores.double().flatten().cpu(), labels.flatten().cpu().bool()
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    ranks = (ends - (counts.double() - 1) / 2)[inverse]          # average rank of tied values, 1-based
-    return ((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)).item()
-
 
 @torch.no_grad()
 def penultimate_features(model, x_uint8, precision, batch_size=1024):

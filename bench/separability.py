@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attack.bypass import Discriminator, disc_scores, load_discriminator, penultimate_features, roc_auc
+from attack.bypass import Discriminator, disc_scores, load_discriminator, penultimate_features
+from utils.detection import roc_auc
 from utils.errors import run_main
 from utils.io import load_weights, read_csv_rows
 from utils.record import load_attack_record
