@@ -350,7 +350,7 @@ def test_sweep_reports_every_bad_job_and_runs_nothing(tmp_path, capsys, monkeypa
     assert "pratio = 'ten' (command line): expected a number" in out.out
     assert "pratio = 1.5 (command line) is out of range" in out.out
     assert out.out.count("unknown option --n_round (did you mean --n_rounds?)") == 3
-    assert "its attack badnet_pten is invalid" in out.out and "[to run  ] badnet_p0.1__fst" in out.out
+    assert "badnet_pten, whose record it needs, is invalid" in out.out and "[to run  ] badnet_p0.1__fst" in out.out
     monkeypatch.setattr(sweep, "start_ray", lambda *a: pytest.fail("Ray must not start while a job is invalid"))
     assert sweep.main([str(y)]) == 2
     err = capsys.readouterr().err
