@@ -286,13 +286,14 @@ def reactivation(run, record, cfg, precision, sets, ra_model, start_path, c_idx,
     x = to_unit(torch.cat([data.x_train_clean[c_idx[:n]], data.x_train[p_idx]])).to(device)
     y = torch.cat([data.y_train_true[c_idx[:n]], data.y_train_true[p_idx]]).to(device)
     frozen = lambda path: load_defense_model(path / "model.pt", device).eval().requires_grad_(False)   # noqa: E731
-    pur, clean = frozen(start_path), frozen(record_path(cfg["qra_clean_model"]))
+    clean_path = record_path(cfg["qra_clean_model"])
+    pur, clean = frozen(start_path), frozen(clean_path)
     ra = ra_model.eval().requires_grad_(False)
     print(f"qra (universal): eps {cfg['qra_eps']:.4f}, {cfg['qra_epochs']} epochs on {n} clean + {n} poisoned images")
     delta = universal_delta(pur, ra, clean, x, y, cfg, generator(cfg["random_seed"], "qra_shuffle"))
     plain = torch.zeros_like(delta)
     out = {"mode": "universal", "eps": cfg["qra_eps"], "alpha": cfg["qra_alpha"], "epochs": cfg["qra_epochs"],
-           "n_clean": n, "n_poisoned": n, "clean_model": str(record_path(cfg["qra_clean_model"])),
+           "n_clean": n, "n_poisoned": n, "clean_model": str(clean_path),
            "linf": float(delta.abs().max())}
     for name, m in (("purified", pur), ("clean", clean)):
         for tag, dl in (("", delta), ("_no_delta", plain)):
