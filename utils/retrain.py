@@ -1,0 +1,69 @@
+"""Training a fresh model on part of the attack's poisoned training set with the attack's own recipe (its model and
+width, optimiser, schedule, batch size, augmentation and epochs). This is what the filtering defenses (Activation
+Clustering, Spectral Signatures) do with the samples they keep, so that their result differs from the attack's
+only by what was removed. The recipe is read from the attack record's config.yaml; a method may override keys
+(each override is a deviation it records)."""
+import torch
+
+from models import build_model
+from utils.engine.augment import random_crop_flip
+from utils.engine.epoch import train_epoch_supervised
+from utils.engine.loop import GeneratorState, Phase
+from utils.engine.optim import make_optimizer, make_scheduler, scheduler_step
+from utils.errors import UserError
+from utils.seeding import fix_random, generator
+
+RECIPE_KEYS = ("epochs", "batch_size", "drop_last", "lr", "client_optimizer", "sgd_momentum", "wd", "amsgrad",
+               "lr_scheduler", "cos_t_max", "eta_min", "plateau_factor", "plateau_patience", "crop_padding", "hflip")
+
+
+def attack_recipe(record, overrides=None) -> dict:
+    """The attack's training recipe (RECIPE_KEYS of its config), with `overrides` applied where not None."""
+    missing = [k for k in RECIPE_KEYS if k not in record.config]
+    if missing:
+        raise UserError(f"the attack record at {record.path} lacks the training settings {', '.join(missing)} in "
+                        "config.yaml; it is damaged or too old: make it again")
+    recipe = {k: record.config[k] for k in RECIPE_KEYS}
+    recipe.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return recipe
+
+
+def fresh_model(ctx):
+    """The attack's architecture with new weights drawn from the defense's seed, prepared for the run's precision."""
+    info, cfg = ctx.record.dataset.info, ctx.record.config
+    fix_random(ctx.cfg["random_seed"])
+    model = build_model(cfg["model"], info.num_classes, info.shape[0], info.mean, info.std, cfg.get("model_width"))
+    return ctx.precision.prepare_model(model.to(ctx.device))
+
+
+def retrain(ctx, keep: torch.Tensor, recipe: dict, name="retrain", desc="retrain"):
+    """A phase training a fresh model on the kept positions of the attacker's training set (`keep`: a bool mask over
+    data.train_indices), and its checkpoint state. Returns (phase, state, model); the phase's rows carry the
+    split of the training accuracy into the kept clean and kept poisoned samples."""
+    data = ctx.data
+    tr = data.train_indices[keep.cpu()]
+    if len(tr) == 0:
+        raise UserError("the detector removed every training sample: nothing is left to retrain on")
+    x, y = data.x_train[tr].to(ctx.device), data.y_train[tr].to(ctx.device)
+    poisoned = data.poison_indicator[tr].to(ctx.device).bool()
+    model = fresh_model(ctx)
+    opt = make_optimizer(model.parameters(), recipe)
+    sched = make_scheduler(opt, recipe)
+    seed = ctx.cfg["random_seed"]
+    shuffle, aug = GeneratorState(generator(seed, "shuffle")), GeneratorState(generator(seed, "augmentation"))
+    hflip = ctx.record.dataset.info.hflip if recipe["hflip"] is None else recipe["hflip"]
+    augment = lambda b: random_crop_flip(b, aug.gen, recipe["crop_padding"], hflip)   # noqa: E731
+
+    def train_epoch(epoch):
+        lr = opt.param_groups[0]["lr"]
+        stats, order, preds = train_epoch_supervised(model, x, y, opt, ctx.precision, shuffle.gen,
+                                                     recipe["batch_size"], recipe["drop_last"], augment,
+                                                     desc=f"{desc} {epoch}")
+        scheduler_step(sched, stats["train_loss"])
+        bd = poisoned[order]
+        kept_bd = int(bd.sum())
+        return {"lr": lr, **stats,
+                "train_asr_bd_only": (preds[bd] == y[order][bd]).float().mean().item() if kept_bd else float("nan")}
+    state = {"model": model, "optimizer": opt, "scheduler": sched, "precision": ctx.precision,
+             "shuffle_gen": shuffle, "aug_gen": aug}
+    return Phase(name, recipe["epochs"], train_epoch, lambda: ctx.evaluate(model)), state, model
