@@ -104,3 +104,19 @@ def scatter_figure(df: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+
+
+def roc_figure(detector: str, curves: list) -> bytes:
+    """One detector's ROC curves, a line per record (label, fpr, tpr, AUROC, TPR at 5 % FPR), the chance diagonal,
+    and the 1 % and 5 % false-positive rates marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.plot([0, 1], [0, 1], color="#bbb", lw=1, ls=":", label="chance")
+    for x in (0.01, 0.05):
+        ax.axvline(x, color="#ddd", lw=0.8)
+    for label, fpr, tpr, auc, t5 in curves:
+        ax.step(fpr, tpr, where="post", lw=1.4, label=f"{label}: AUROC {100 * auc:.1f} %, TPR@5% {100 * t5:.1f} %")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1.01),
+           title=f"{detector}: ROC")
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)

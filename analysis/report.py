@@ -111,8 +111,19 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def report_html(root, df, ms, figures: dict) -> str:
-    """The whole page. figures: {title: png bytes}."""
+def _markdown_table(text: str) -> str:
+    """A Markdown pipe table (and the lines after it) as HTML."""
+    lines = [l for l in text.strip().splitlines()]
+    table = [l for l in lines if l.startswith("|")]
+    rest = "".join(f"<p>{html.escape(l)}</p>" for l in lines if l.strip() and not l.startswith("|"))
+    cells = [[c.strip() for c in l.strip("|").split("|")] for l in table]
+    header, rows = cells[0], cells[2:]
+    return _table(header, [[html.escape(c) for c in r] for r in rows]) + rest
+
+
+def report_html(root, df, ms, figures: dict, tables=None) -> str:
+    """The whole page. figures: {title: png bytes}; tables: {title: Markdown table} (detection)."""
+    extra = "".join(f"<h2>{html.escape(t)}</h2>{_markdown_table(m)}" for t, m in (tables or {}).items())
     n_def = int((df["defense"] != NONE).sum())
     plots = "".join(f"<h3>{html.escape(t)}</h3>{_img(p, t)}" for t, p in figures.items())
     return f"""<!DOCTYPE html>
@@ -125,6 +136,7 @@ with the class most of them go to. A low ASR with a low RA means the backdoor's 
 backdoor is gone. Means are over runs (attack seeds × defense seeds) with the sample standard deviation and, in
 brackets, the 95 % t-interval of the mean; records that differ in any other setting are kept apart (variant).</p>
 <h2>Mean over seeds</h2>{mean_table(ms)}
+{extra}
 <h2>Plots</h2>{plots}
 <h2>Every record</h2>{records_table(df)}
 <h2>Settings and deviations of each record</h2>{settings_section(root, df)}

@@ -16,6 +16,12 @@ Writes:
                                             seeds, the 95 % t-interval as error bars)
   acc_vs_asr.png                            ACC against ASR, one point per record, undefended points marked,
                                             each defended point joined to its attacked model
+  detection.md                              the detectors (records with det_ figures): AUROC, TPR at 1 % and 5 %
+                                            FPR, precision, recall and FPR at the detector's threshold, and the
+                                            defended model's figures (analysis/detection.py)
+  model_level.md                            Neural Cleanse's verdict on every model, clean ones included, and the
+                                            model-level AUROC of its anomaly index
+  roc_<detector>.png                        one ROC plot per detector, a curve per record
   report.html (--html)                      all of it in one self-contained page (tables, plots, the settings and
                                             deviations of every record), readable offline
 The values are the records' summary.json figures, unchanged (conventions §9: the last epoch of each run).
@@ -29,7 +35,9 @@ import sys
 
 import pandas as pd
 
-from analysis.plots import NONE, bars_figure, scatter_figure
+from analysis.detection import (DETECTION, NC_KEYS, detection_markdown, detection_values, model_level,
+                                model_level_markdown, poisoned_count, roc_curves)
+from analysis.plots import NONE, bars_figure, roc_figure, scatter_figure
 from utils.errors import UserError, run_main
 from utils.io import atomic_write_bytes, read_json
 from utils.record_names import read_record_config
@@ -39,7 +47,8 @@ KEYS = ["attack", "defense", "dataset", "model", "pratio", "target", "variant"] 
 NOT_A_SETTING = {"save_folder_name", "result_file", "dataset_path", "device", "eval_batch_size", "random_seed",
                  "out_name", "out_suffix", "checkpoint_every", "start_model"}
 METRICS = ["test_acc", "test_asr", "test_ra", "test_other", "der"]
-COLUMNS = KEYS + ["seed", "defense_seed"] + METRICS + ["test_top_wrong_class", "test_top_wrong", "seconds"]
+COLUMNS = KEYS + ["seed", "defense_seed"] + METRICS + ["test_top_wrong_class", "test_top_wrong", "seconds",
+                                                        "n_poisoned"] + DETECTION + NC_KEYS
 SETTING_KEYS = [k for k in KEYS if k != "variant"]
 SUMMARY_DIR = "summary"
 
@@ -124,6 +133,8 @@ def _row(root, folder, s) -> dict:
     row.update({k: s[k] for k in ("test_acc", "test_asr", "test_ra")})
     row.update({k: s.get(k) for k in ("test_other", "test_top_wrong_class", "test_top_wrong")})   # older: None
     row["seconds"] = s.get("seconds")
+    row["n_poisoned"] = poisoned_count(attack_folder)
+    row.update(detection_values(s))
     try:
         row["record"] = str(folder.relative_to(root))
     except ValueError:
@@ -152,7 +163,10 @@ def collect(root) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=cols + ["_settings"])
     df["defense_seed"] = df["defense_seed"].astype("Int64")
     df["test_top_wrong_class"] = df["test_top_wrong_class"].astype("Int64")
-    df[["test_other", "test_top_wrong"]] = df[["test_other", "test_top_wrong"]].astype(float)
+    df[["test_other", "test_top_wrong", *DETECTION[:-1], "nc_max_anomaly_index", "nc_target_anomaly_index"]] = \
+        df[["test_other", "test_top_wrong", *DETECTION[:-1], "nc_max_anomaly_index",
+            "nc_target_anomaly_index"]].astype(float)
+    df["n_poisoned"] = df["n_poisoned"].astype("Int64")
     if df.empty:
         return df.drop(columns="_settings")
     df["variant"] = _variants(df)
@@ -185,7 +199,7 @@ def mean_std(df: pd.DataFrame) -> pd.DataFrame:
     for key, r in dup.iterrows():
         print(f"warning: {' / '.join(map(str, key))}: {r.n_runs} records with the same settings share {r.n_seeds} "
               "seed(s) (copies of one run?); they are averaged together", file=sys.stderr)
-    for m in METRICS + ["seconds"]:
+    for m in METRICS + ["seconds"] + DETECTION[:-1]:
         out[f"{m}_mean"] = g[m].mean()
         out[f"{m}_std"] = g[m].std(ddof=1)
         out[f"{m}_ci95"] = t_interval(out[f"{m}_std"], g[m].count())
@@ -265,15 +279,28 @@ def summarize(root, out=None, show=False, plots=True, html=False) -> pd.DataFram
     _write(out / "summary_mean_std.csv", ms.to_csv(index=False))
     _write(out / "summary_mean_std.md", mean_std_markdown(ms))
     figures = {}
+    tables = {}
+    if ms["det_auroc_mean"].notna().any():
+        tables["Detection"] = detection_markdown(ms, _markdown)
+        _write(out / "detection.md", tables["Detection"])
+    ml = model_level(df)
+    if len(ml):
+        tables["Neural Cleanse on every model"] = model_level_markdown(ml, _markdown)
+        _write(out / "model_level.md", tables["Neural Cleanse on every model"])
+    figures, rocs = {}, {}
     if plots or html:
         figures = {"ACC and ASR per defense (mean over runs, 95 % interval)": bars_figure(ms),
                    "ACC against ASR, one point per record": scatter_figure(df)}
+        rocs = {d: roc_figure(d, c) for d, c in roc_curves(root, df).items()}
+        figures.update({f"{d}: ROC of its detection": png for d, png in rocs.items()})
     if plots:
         _write(out / "acc_asr_bars.png", figures["ACC and ASR per defense (mean over runs, 95 % interval)"])
         _write(out / "acc_vs_asr.png", figures["ACC against ASR, one point per record"])
+        for d, png in rocs.items():
+            _write(out / f"roc_{d}.png", png)
     if html:
         from analysis.report import report_html
-        _write(out / "report.html", report_html(root, df, ms, figures))
+        _write(out / "report.html", report_html(root, df, ms, figures, tables))
     if show:
         print("\n" + records_markdown(df))
     print(f"{len(df)} records ({(df['defense'] == NONE).sum()} attacks, {(df['defense'] != NONE).sum()} defenses) "

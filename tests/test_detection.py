@@ -48,3 +48,45 @@ def test_a_perfect_and_a_useless_detector_on_synthetic_activations():
     useless = detection_metrics(x[:, 5], labels)                             # a direction without the shift
     assert abs(useless["det_auroc"] - 0.5) < 0.06 and useless["det_tpr_at_fpr_0.05"] < 0.15
     assert "det_precision" not in useless
+
+
+# --- the summaries' detection part (analysis/detection.py) ---------------------------------------------------
+
+def _fake(folder, summary, config, poisoned=None):
+    import json
+    import yaml
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"config": config}))
+    if poisoned is not None:
+        (folder / "poison.json").write_text(json.dumps({"poison_indices": list(range(poisoned))}))
+
+
+def test_summaries_show_detectors_their_roc_and_nc_over_clean_and_backdoored_models(tmp_path):
+    from analysis.summarize import summarize
+    base = {"dataset": "mnist", "model": "cnn", "pratio": 0.1, "test_acc": 0.9, "test_asr": 1.0, "test_ra": 0.0}
+    models = {"badnet_s0": (600, 4.0, True), "blend_s0": (600, 2.5, True), "clean_s0": (1, 1.2, False),
+              "clean_s1": (1, 2.1, True)}   # the last: a clean model NC flags (a false alarm)
+    for name, (n, index, flagged) in models.items():
+        a = tmp_path / name
+        _fake(a, {**base, "attack": name.split("_")[0]}, {"random_seed": int(name[-1])}, poisoned=n)
+        _fake(a / "defense" / "nc", {"defense": "nc", **base, "test_asr": 0.01, "der": 0.9,
+                                     "nc_max_anomaly_index": index, "nc_target_anomaly_index": index,
+                                     "nc_model_flagged": flagged, "nc_flagged_classes": [0] if flagged else []},
+              {"random_seed": 0})
+    scores = torch.tensor([0.9, 0.8, 0.3, 0.7, 0.2, 0.1])
+    labels = torch.tensor([1, 1, 1, 0, 0, 0])
+    d = tmp_path / "badnet_s0" / "defense" / "spectral"
+    _fake(d, {"defense": "spectral", **base, "test_asr": 0.02, "der": 0.95,
+              **detection_metrics(scores, labels, scores >= 0.5)}, {"random_seed": 0})
+    (d / "detection_scores.csv").write_text("score,label,flagged\n" + "".join(
+        f"{s},{l},{int(s >= 0.5)}\n" for s, l in zip(scores.tolist(), labels.tolist())))
+    summarize(tmp_path, tmp_path / "out")
+    det = (tmp_path / "out" / "detection.md").read_text()
+    # AUROC: 8 of the 9 (positive, negative) pairs are ordered -> 88.89 %; at 0.5: 2 of 3 flagged, 1 false alarm
+    assert "| badnet | spectral |" in det and "88.89" in det and "66.67" in det and "33.33" in det
+    assert (tmp_path / "out" / "roc_spectral.png").read_bytes()[:4] == b"\x89PNG"
+    ml = (tmp_path / "out" / "model_level.md").read_text()
+    # backdoored 4.0, 2.5 against clean 1.2, 2.1: every pair ordered -> AUROC 100 %, one clean model flagged
+    assert "AUROC of the largest anomaly index over these 4 models: 100.00 %" in ml
+    assert "clean models flagged: 1 of 2" in ml and "backdoored models flagged: 2 of 2" in ml
