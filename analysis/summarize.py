@@ -252,9 +252,9 @@ def mean_std_markdown(ms) -> str:
             return f"{scale * mu:.{digits}f}"
         lo, hi = scale * (mu - ci), scale * (mu + ci)
         return f"{scale * mu:.{digits}f} ± {scale * sd:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-    header = SETTING_KEYS + ["runs (attack × defense seeds)", "ACC %", "ASR %", "RA %", "other %", "DER %", "wall s"]
+    header = SETTING_KEYS + ["runs (distinct attack, defense seeds)", "ACC %", "ASR %", "RA %", "other %", "DER %", "wall s"]
     rows = [[r.attack, r.defense, r.dataset, r.model, r.pratio, r.target,
-             f"{r.n_runs} ({r.n_attack_seeds} × {r.n_defense_seeds})" if r.defense != NONE else f"{r.n_runs}",
+             f"{r.n_runs} ({r.n_attack_seeds}, {r.n_defense_seeds})" if r.defense != NONE else f"{r.n_runs}",
              pm(r, "test_acc"), pm(r, "test_asr"), pm(r, "test_ra"), pm(r, "test_other"), pm(r, "der"),
              pm(r, "seconds", 1, 1)] for r in ms.itertuples()]
     return _markdown(*_with_variant(ms, header, rows))

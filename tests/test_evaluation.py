@@ -114,7 +114,7 @@ def test_summaries_average_defense_seeds_with_a_t_interval_and_keep_other_settin
     assert ms[ms["defense"] == "sau_long"].iloc[0]["n_runs"] == 1
     summarize(tmp_path, tmp_path / "out")
     md = (tmp_path / "out" / "summary_mean_std.md").read_text()
-    assert "3 (1 × 3)" in md and "30.00 ± 26.46 [-35.72, 95.72]" in md
+    assert "3 (1, 3)" in md and "30.00 ± 26.46 [-35.72, 95.72]" in md
     rows = (tmp_path / "out" / "summary.md").read_text()
     assert "9 (20.0)" in rows   # the most frequent wrong class and its share
 
