@@ -146,12 +146,15 @@ def open_defense(defense: str, cfg: dict, args, out_name=None, deviations=()) ->
 def finish_defense(ctx: DefenseContext, rows, payload: dict, extra_summary=None, curves_title="", curves=(),
                    carry=()):
     """model.pt, curves.png, and summary.json with the attack's figures, DER and RIR; prints the comparison.
-    curves: (key, label) series added to curves.png; carry: keys of the last row copied into summary.json."""
+    curves: (key, label) series added to curves.png; carry: keys of the last row copied into summary.json.
+    payload None: a detector that leaves the model as it is (STRIP); no model.pt, no curves, and summary.json says
+    model_unchanged."""
     run, a = ctx.run, ctx.attack_figures
     last = rows[-1]
-    run.save_model(payload)
-    run.write_file("curves.png", curves_figure(rows, curves_title or f"{run.method} on {ctx.record.path.name}",
-                                               dashed=curves))
+    if payload is not None:
+        run.save_model(payload)
+        run.write_file("curves.png", curves_figure(rows, curves_title or f"{run.method} on {ctx.record.path.name}",
+                                                   dashed=curves))
     d = {"test_acc": last["test_acc"], "test_asr": last["test_asr"], "test_ra": last["test_ra"]}
     summary = {"defense": run.method, "attack": ctx.record.poison["attack"], "attack_record": str(ctx.record.path),
                "dataset": ctx.record.config["dataset"], "model": ctx.record.model_info["model_name"],
@@ -160,7 +163,7 @@ def finish_defense(ctx: DefenseContext, rows, payload: dict, extra_summary=None,
                "attack_test_other": a["test_other"], "attack_test_top_wrong_class": a["test_top_wrong_class"],
                "der": der(a["test_acc"], a["test_asr"], d["test_acc"], d["test_asr"]),
                "rir": rir(a["test_acc"], a["test_ra"], d["test_acc"], d["test_ra"]),
-               **(extra_summary or {})}
+               **({"model_unchanged": True} if payload is None else {}), **(extra_summary or {})}
     summary = run.finish(summary)
     print(f"\n{'':12}{'ACC':>8}{'ASR':>8}{'RA':>8}  where the other poisoned predictions go\n"
           f"{'attack':12}{a['test_acc']:8.4f}{a['test_asr']:8.4f}{a['test_ra']:8.4f}  {breakdown_line(a)}\n"

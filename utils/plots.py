@@ -1,4 +1,5 @@
-"""The pictures every record carries: trigger.png (clean vs poisoned) and curves.png (ACC / ASR / RA)."""
+"""The pictures records carry: trigger.png (clean vs poisoned), curves.png (ACC / ASR / RA), and a detector's score
+histogram with its threshold."""
 import io
 
 import matplotlib
@@ -56,6 +57,30 @@ def curves_figure(rows, title="", series=(("test_acc", "ACC"), ("test_asr", "ASR
     ax.set_xlabel("epoch")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def score_histogram(groups: dict, outline=None, threshold=None, title="", xlabel="score", outline_label="calibration",
+                    bins=60) -> bytes:
+    """Filled histograms of each group's values (densities, shared bins), an outline group (a detector's
+    calibration data) and the detector's threshold as a vertical line."""
+    import torch
+    every = torch.cat([torch.as_tensor(v).double().flatten() for v in [*groups.values(), *([outline] if outline
+                                                                                        is not None else [])]])
+    lo, hi = every.min().item(), every.max().item()
+    edges = torch.linspace(lo, hi if hi > lo else lo + 1, bins + 1).numpy()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, v in groups.items():
+        ax.hist(torch.as_tensor(v).double().numpy(), bins=edges, density=True, alpha=0.55, label=name)
+    if outline is not None:
+        ax.hist(torch.as_tensor(outline).double().numpy(), bins=edges, density=True, histtype="step", color="k",
+                label=outline_label)
+    if threshold is not None:
+        ax.axvline(threshold, color="r", ls="--", label=f"threshold {threshold:.3g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     return _png(fig)

@@ -10,11 +10,23 @@ from utils.engine.augment import random_crop_flip
 from utils.engine.epoch import train_epoch_supervised
 from utils.engine.loop import GeneratorState, Phase
 from utils.engine.optim import make_optimizer, make_scheduler, scheduler_step
+from utils.config import Opt
 from utils.errors import UserError
 from utils.seeding import fix_random, generator
 
 RECIPE_KEYS = ("epochs", "batch_size", "drop_last", "lr", "client_optimizer", "sgd_momentum", "wd", "amsgrad",
                "lr_scheduler", "cos_t_max", "eta_min", "plateau_factor", "plateau_patience", "crop_padding", "hflip")
+
+
+def recipe_override_options():
+    """One option per recipe key, default none (the attack's value); an explicit value is a recorded deviation."""
+    from utils.options import SCHEDULERS
+    kinds = {"epochs": int, "batch_size": int, "drop_last": bool, "lr": float, "sgd_momentum": float, "wd": float,
+             "amsgrad": bool, "cos_t_max": int, "eta_min": float, "plateau_factor": float, "plateau_patience": int,
+             "crop_padding": int, "hflip": bool}
+    choices = {"client_optimizer": ("sgd", "adam"), "lr_scheduler": SCHEDULERS}
+    return [Opt(k, kinds.get(k, str), None, f"retraining {k.replace('_', ' ')} (default: the attack's)",
+                choices=choices.get(k)) for k in RECIPE_KEYS]
 
 
 def attack_recipe(record, overrides=None) -> dict:
@@ -36,34 +48,37 @@ def fresh_model(ctx):
     return ctx.precision.prepare_model(model.to(ctx.device))
 
 
-def retrain(ctx, keep: torch.Tensor, recipe: dict, name="retrain", desc="retrain"):
-    """A phase training a fresh model on the kept positions of the attacker's training set (`keep`: a bool mask over
-    data.train_indices), and its checkpoint state. Returns (phase, state, model); the phase's rows carry the
-    split of the training accuracy into the kept clean and kept poisoned samples."""
-    data = ctx.data
-    tr = data.train_indices[keep.cpu()]
-    if len(tr) == 0:
-        raise UserError("the detector removed every training sample: nothing is left to retrain on")
-    x, y = data.x_train[tr].to(ctx.device), data.y_train[tr].to(ctx.device)
-    poisoned = data.poison_indicator[tr].to(ctx.device).bool()
+def retrain(ctx, keep, recipe: dict, name="retrain", desc="retrain"):
+    """A phase training a fresh model on the kept positions of the attacker's training set, and its checkpoint
+    state. `keep()` -> a bool mask over data.train_indices; it is called when the phase starts in this process (a
+    filter's detection step, run or resumed before it, has decided by then). Returns (phase, state, model); the
+    phase's rows carry the training accuracy on the kept poisoned samples (their attack labels)."""
+    data, seed = ctx.data, ctx.cfg["random_seed"]
     model = fresh_model(ctx)
     opt = make_optimizer(model.parameters(), recipe)
     sched = make_scheduler(opt, recipe)
-    seed = ctx.cfg["random_seed"]
     shuffle, aug = GeneratorState(generator(seed, "shuffle")), GeneratorState(generator(seed, "augmentation"))
     hflip = ctx.record.dataset.info.hflip if recipe["hflip"] is None else recipe["hflip"]
     augment = lambda b: random_crop_flip(b, aug.gen, recipe["crop_padding"], hflip)   # noqa: E731
+    kept = {}
+
+    def setup():
+        tr = data.train_indices[keep().cpu()]
+        if len(tr) == 0:
+            raise UserError("the detector removed every training sample: nothing is left to retrain on")
+        kept.update(x=data.x_train[tr].to(ctx.device), y=data.y_train[tr].to(ctx.device),
+                    poisoned=data.poison_indicator[tr].to(ctx.device).bool())
 
     def train_epoch(epoch):
+        x, y, poisoned = kept["x"], kept["y"], kept["poisoned"]
         lr = opt.param_groups[0]["lr"]
         stats, order, preds = train_epoch_supervised(model, x, y, opt, ctx.precision, shuffle.gen,
                                                      recipe["batch_size"], recipe["drop_last"], augment,
                                                      desc=f"{desc} {epoch}")
         scheduler_step(sched, stats["train_loss"])
         bd = poisoned[order]
-        kept_bd = int(bd.sum())
-        return {"lr": lr, **stats,
-                "train_asr_bd_only": (preds[bd] == y[order][bd]).float().mean().item() if kept_bd else float("nan")}
+        return {"lr": lr, **stats, "train_asr_bd_only":
+                (preds[bd] == y[order][bd]).float().mean().item() if bool(bd.any()) else float("nan")}
     state = {"model": model, "optimizer": opt, "scheduler": sched, "precision": ctx.precision,
              "shuffle_gen": shuffle, "aug_gen": aug}
-    return Phase(name, recipe["epochs"], train_epoch, lambda: ctx.evaluate(model)), state, model
+    return Phase(name, recipe["epochs"], train_epoch, lambda: ctx.evaluate(model), setup=setup), state, model
