@@ -30,6 +30,21 @@ def test_tpr_at_fpr_is_a_point_of_the_step_function():
     assert tpr_at_fpr(scores, labels, 0.4) == pytest.approx(1.0)
 
 
+def test_roc_points_equal_a_direct_count_and_scale_to_a_training_set():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 300):
+        s = torch.randint(0, 20, (n,), generator=g).double()      # many ties
+        y = torch.rand(n, generator=g) < 0.3
+        fpr, tpr, thr = roc_points(s, y)
+        for f, t, th in zip(fpr[1:], tpr[1:], thr[1:]):
+            flagged = s >= th
+            assert t.item() == pytest.approx(int((flagged & y).sum()) / max(int(y.sum()), 1), abs=1e-12)
+            assert f.item() == pytest.approx(int((flagged & ~y).sum()) / max(int((~y).sum()), 1), abs=1e-12)
+    # 60,000 distinct scores (a filter's training set): no n x n matrix
+    s, y = torch.rand(60000, generator=g, dtype=torch.float64), torch.rand(60000, generator=g) < 0.1
+    assert 0.45 < detection_metrics(s, y)["det_auroc"] < 0.55
+
+
 def test_figures_at_the_detectors_threshold():
     m = at_threshold([1, 1, 0, 0, 1], [1, 0, 1, 0, 1])
     assert m == {"flagged": 3, "precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3), "fpr": 0.5}

@@ -129,7 +129,7 @@ def open_defense(defense: str, cfg: dict, args, out_name=None, deviations=()) ->
         print(f"{defense}: resolved configuration\n{format_config(cfg)}")
         info = record.model_info
         precision = start_engine(run, cfg, device, record.model, f"{info['model_name']} width {info['width']}",
-                                 info["input_shape"], cfg.get("batch_size", 128))
+                                 info["input_shape"], cfg.get("batch_size") or record.config.get("batch_size", 128))
         print(f"attack record {record.path}: {record.poison['attack']} on {record.config['dataset']} / "
               f"{record.model_info['model_name']}; device {device}, {precision.description}")
         sets = EvalSets(record.data, device)

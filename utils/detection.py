@@ -25,14 +25,16 @@ def roc_auc(scores, labels) -> float:
 
 def roc_points(scores, labels):
     """(fpr, tpr, thresholds) of the rule 'flag when score >= threshold' at every distinct score, highest first,
-    with the empty rule (threshold +inf: nothing flagged) as the first point."""
+    with the empty rule (threshold +inf: nothing flagged) as the first point. Counts per distinct score,
+    accumulated from the top: O(n log n), so a filter's 60,000 training samples cost no n x n matrix."""
     s, pos = _split(scores, labels)
-    values = torch.unique(s).flip(0)
-    flagged = s[None, :] >= values[:, None]
+    values, inverse = torch.unique(s, return_inverse=True)          # ascending
+    n_pos = torch.bincount(inverse, weights=pos.double(), minlength=len(values)).flip(0)
+    n_neg = torch.bincount(inverse, weights=(~pos).double(), minlength=len(values)).flip(0)
     n1, n0 = max(int(pos.sum()), 1), max(int((~pos).sum()), 1)
-    tpr = torch.cat([torch.zeros(1, dtype=torch.float64), (flagged & pos).sum(1).double() / n1])
-    fpr = torch.cat([torch.zeros(1, dtype=torch.float64), (flagged & ~pos).sum(1).double() / n0])
-    return fpr, tpr, torch.cat([torch.tensor([float("inf")], dtype=torch.float64), values])
+    zero = torch.zeros(1, dtype=torch.float64)
+    return (torch.cat([zero, n_neg.cumsum(0) / n0]), torch.cat([zero, n_pos.cumsum(0) / n1]),
+            torch.cat([torch.tensor([float("inf")], dtype=torch.float64), values.flip(0)]))
 
 
 def tpr_at_fpr(scores, labels, max_fpr: float) -> float:
