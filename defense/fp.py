@@ -30,7 +30,7 @@ from utils.io import read_json
 from utils.options import clean_subset_options, recipe_options
 from utils.registry import register
 from utils.seeding import generator
-from utils.stages import Recorder
+from utils.stages import Recorder, head_columns
 
 OPTIONS = [
     *clean_subset_options(ratio=0.05, balanced=False),
@@ -68,16 +68,6 @@ def mean_activations(model, x_uint8, batch_size=512):
 def pruning_order(means: torch.Tensor) -> torch.Tensor:
     """Channels by mean activation ascending, lower index first on ties."""
     return torch.sort(means, stable=True).indices
-
-
-def head_columns(model, channels: int, pruned) -> torch.Tensor:
-    """The head's input columns of the pruned channels: P = feature_dim / C pooled positions per channel, flattened
-    channel-major, so channel c owns columns P c .. P c + P - 1."""
-    per = model.feature_dim // channels
-    cols = torch.zeros(model.feature_dim, dtype=torch.bool)
-    for c in pruned:
-        cols[per * int(c): per * int(c) + per] = True
-    return cols
 
 
 # --- 2. the search: prune while the clean accuracy holds --------------------------------------------------------

@@ -15,6 +15,7 @@ by its dotted name (layer1.0.conv1, layer1.0.bn2). What methods do with them:
     with Intervene(model, {"layer4": lambda out: out * mask}):   # Fine-Pruning's channel mask, ANP's neuron
         model(x)                                                 # masks on batch norms, NPD's inserted layer
 """
+import torch
 from torch import nn
 
 from utils.errors import UserError
@@ -98,3 +99,17 @@ class Intervene:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def head_columns(model, channels: int, pruned) -> torch.Tensor:
+    """The head's input columns fed by the given channels of the last stage: the pooled features are flattened
+    channel-major, feature_dim / C positions per channel, so channel c owns columns P c .. P c + P - 1. Zeroing
+    them silences the channels for the head (Fine-Pruning, Neural Cleanse's pruning)."""
+    if model.feature_dim % channels:
+        raise UserError(f"pruning needs head features laid out per channel of the last stage ({model.feature_dim} "
+                        f"features for {channels} channels); this model's head is not")
+    per, cols = model.feature_dim // channels, torch.zeros(model.feature_dim, dtype=torch.bool)
+    for c in pruned:
+        cols[per * int(c): per * (int(c) + 1)] = True
+    return cols
+
