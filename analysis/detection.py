@@ -94,8 +94,9 @@ def roc_curves(root: pathlib.Path, df: pd.DataFrame) -> dict:
         if not {"score", "label"} <= set(s.columns) or s["label"].nunique() < 2:
             continue
         fpr, tpr, _ = roc_points(s["score"].tolist(), s["label"].tolist())
-        label = f"{r.attack} s{r.seed}" + (f" ds{r.defense_seed}" if not pd.isna(r.defense_seed) and
-                                             r.defense_seed != r.seed else "")
+        variant = getattr(r, "variant", "")
+        label = f"{r.attack}{f' ({variant})' if variant else ''} s{r.seed}" + (
+            f" ds{r.defense_seed}" if not pd.isna(r.defense_seed) and r.defense_seed != r.seed else "")
         out.setdefault(r.defense, []).append((label, fpr.numpy(), tpr.numpy(),
                                               roc_auc(s["score"].tolist(), s["label"].tolist()),
                                               tpr_at_fpr(s["score"].tolist(), s["label"].tolist(), 0.05)))
