@@ -21,13 +21,12 @@ import numpy as np
 import torch
 
 from utils.config import Opt, in_range
-from utils.defense import defense_config, finish_defense, open_defense
+from utils.defense import defense_config
 from utils.detection import at_threshold
-from utils.engine.loop import fit
 from utils.errors import UserError, run_main
-from utils.filtering import detect_phase, detection_result, read_kept, representations
+from utils.filtering import representations, run_filter
 from utils.registry import register
-from utils.retrain import RECIPE_KEYS, attack_recipe, recipe_override_options, retrain
+from utils.retrain import recipe_override_options
 from utils.seeding import derive_seed
 
 RULES = ("smaller", "relative-size", "silhouette-scores", "distance")
@@ -190,7 +189,7 @@ def detect(ctx, model):
     emptied = [r["label"] for r in rows if r["removed"] == r["n"]]
     if emptied:
         print(f"ac: warning: every sample of label(s) {emptied} is removed")
-    return flags[cfg["cluster_analysis"]], lexicographic_score(1 - rel, margin), {**extras, "clusters": rows}
+    return flags[cfg["cluster_analysis"]], lexicographic_score(1 - rel, margin), extras
 
 
 def check_settings(cfg):
@@ -211,19 +210,7 @@ def configure(argv=None, dataset=None):
 
 def main(argv=None):
     cfg, args = configure(argv)
-    ctx = open_defense("ac", cfg, args)
-    try:
-        attacked = ctx.attacked_model()
-        recipe = attack_recipe(ctx.record, {k: cfg[k] for k in RECIPE_KEYS})
-        ctx.run.update_meta(retrain_recipe=recipe)
-        retrain_phase, state, model = retrain(ctx, lambda: read_kept(ctx.run, ctx.data.train_indices), recipe)
-        rows = fit(ctx.run, [detect_phase(ctx, "ac", lambda: detect(ctx, attacked)), retrain_phase], state)
-        result = detection_result(ctx.run, "ac")
-        result.pop("clusters")
-        return finish_defense(ctx, rows, ctx.plain_payload(model), {**result, "epochs": recipe["epochs"]},
-                              carry=("train_asr_bd_only",))
-    finally:
-        ctx.run.close()
+    return run_filter("ac", cfg, args, detect)
 
 
 if __name__ == "__main__":

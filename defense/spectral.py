@@ -16,13 +16,12 @@ set, a count rule with a stable tie order, retraining with the attack's recipe (
 import torch
 
 from utils.config import Opt, in_range
-from utils.defense import defense_config, finish_defense, open_defense
+from utils.defense import defense_config
 from utils.detection import roc_auc
-from utils.engine.loop import fit
 from utils.errors import UserError, run_main
-from utils.filtering import check_layer, detect_phase, detection_result, read_kept, representations
+from utils.filtering import check_layer, representations, run_filter
 from utils.registry import register
-from utils.retrain import RECIPE_KEYS, attack_recipe, recipe_override_options, retrain
+from utils.retrain import recipe_override_options
 
 OPTIONS = [
     Opt("eps", float, 0.1, "assumed upper bound on the poisoned fraction of a label set",
@@ -75,6 +74,7 @@ def detect(ctx, model):
     """Scores and the removed set over data.train_indices, each label decided on its own scores only. The
     detection scores are normalised per label (divided by the label's mean score), so labels can be pooled."""
     cfg, data = ctx.cfg, ctx.data
+    check_layer(model, cfg["layer"])
     tr = data.train_indices
     labels = data.y_train[tr]
     h = representations(model, data.x_train[tr].to(ctx.device), cfg["layer"], cfg["eval_batch_size"])
@@ -103,7 +103,7 @@ def detect(ctx, model):
                         "sigma2": s[1].item() if len(s) > 1 else 0.0, "auroc": roc_auc(score, p)})
     poisoned = data.poison_indicator[tr].bool()
     target = ctx.record.poison["attack_target"] if ctx.record.poison["attack_label_trans"] == "all2one" else None
-    extras = {"det_auroc_all_alt": roc_auc(alt, poisoned), "representation_dim": h.shape[1], "classes": classes}
+    extras = {"det_auroc_all_alt": roc_auc(alt, poisoned), "representation_dim": h.shape[1]}
     if target is not None:
         t = (labels == target).cpu()
         extras.update(det_auroc_target=roc_auc(main[t], poisoned[t]), det_auroc_target_alt=roc_auc(alt[t], poisoned[t]))
@@ -130,20 +130,7 @@ def configure(argv=None, dataset=None):
 
 def main(argv=None):
     cfg, args = configure(argv)
-    ctx = open_defense("spectral", cfg, args)
-    try:
-        attacked = ctx.attacked_model()
-        check_layer(attacked, cfg["layer"])
-        recipe = attack_recipe(ctx.record, {k: cfg[k] for k in RECIPE_KEYS})
-        ctx.run.update_meta(retrain_recipe=recipe)
-        retrain_phase, state, model = retrain(ctx, lambda: read_kept(ctx.run, ctx.data.train_indices), recipe)
-        rows = fit(ctx.run, [detect_phase(ctx, "spectral", lambda: detect(ctx, attacked)), retrain_phase], state)
-        result = detection_result(ctx.run, "spectral")
-        result.pop("classes")
-        return finish_defense(ctx, rows, ctx.plain_payload(model), {**result, "epochs": recipe["epochs"]},
-                              carry=("train_asr_bd_only",))
-    finally:
-        ctx.run.close()
+    return run_filter("spectral", cfg, args, detect)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ import json
 
 import torch
 
+from utils.defense import finish_defense, open_defense
 from utils.detection import detection_metrics
 from utils.engine.augment import to_unit
 from utils.engine.evaluate import eval_mode
-from utils.engine.loop import Phase
+from utils.engine.loop import Phase, fit
 from utils.errors import UserError
 from utils.io import read_json, read_text
+from utils.retrain import RECIPE_KEYS, attack_recipe, retrain
 from utils.stages import Recorder
 
 REMOVED_FILE = "removed.txt"
@@ -91,5 +93,18 @@ def detect_phase(ctx, name: str, detect) -> Phase:
     return Phase("detect", 1, step, dict, label="detection, step", start=0, eval_every=0)
 
 
-def detection_result(run, name: str) -> dict:
-    return read_json(run.path / f"{name}.json", "record file")
+def run_filter(name: str, cfg: dict, args, detect):
+    """A filter's whole run: open the defense record, detect(ctx, attacked_model) in one resumable step, retrain a
+    fresh model on what is kept with the attack's recipe (each override a recorded deviation), finish the record."""
+    ctx = open_defense(name, cfg, args)
+    try:
+        attacked = ctx.attacked_model()
+        recipe = attack_recipe(ctx.record, {k: cfg[k] for k in RECIPE_KEYS})
+        ctx.run.update_meta(retrain_recipe=recipe)
+        retrain_phase, state, model = retrain(ctx, lambda: read_kept(ctx.run, ctx.data.train_indices), recipe)
+        rows = fit(ctx.run, [detect_phase(ctx, name, lambda: detect(ctx, attacked)), retrain_phase], state)
+        result = read_json(ctx.run.path / f"{name}.json", "record file")
+        return finish_defense(ctx, rows, ctx.plain_payload(model), {**result, "epochs": recipe["epochs"]},
+                              carry=("train_asr_bd_only",))
+    finally:
+        ctx.run.close()
