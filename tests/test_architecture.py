@@ -22,7 +22,8 @@ PACKAGES = ("utils", "models", "attack", "defense", "sweep", "analysis", "bench"
 # entry points that run another method's code under its original repository's name, and a method's own helpers
 ALLOWED = {"attack.badnet_bypass": {"attack.bypass"}, "attack.blend_bypass": {"attack.bypass"},
            "defense.fst": {"defense.ft"}, "defense.pdb": {"defense.pdb_model"},
-           "defense.fmp": {"defense.fmp_ranking"}}
+           "defense.fmp": {"defense.fmp_ranking"}, "defense.anp": {"defense.anp_pruning"},
+           "defense.rnp": {"defense.anp_pruning"}}
 
 
 # --- the registry -------------------------------------------------------------------------------------------
@@ -246,6 +247,46 @@ def test_a_run_interrupted_in_its_second_phase_resumes_there(tmp_path, monkeypat
     assert [(r["phase"], r["epoch"], r["train_loss"]) for r in resumed] == \
         [(r["phase"], r["epoch"], r["train_loss"]) for r in full]
     assert c3.n == c.n
+
+
+def stopping_phases(c, trace, stop_at):
+    """Phase a stops early once its loss reaches stop_at (of 5 epochs at most), then phase b runs 2 epochs."""
+    def step(tag):
+        def f(epoch):
+            c.n += 1
+            trace.append((tag, epoch))
+            return {"lr": 0.1, "train_loss": float(c.n)}
+        return f
+    return [Phase("a", 5, step("a"), lambda: {}, stop=lambda row: row["train_loss"] >= stop_at),
+            Phase("b", 2, step("b"), lambda: {}, setup=lambda: trace.append("setup b"))]
+
+
+def test_a_phase_stops_early_and_a_resume_after_the_stop_goes_on_with_the_next_phase(tmp_path, monkeypatch):
+    c, trace = Counter(), []
+    full = fit(Run(tmp_path / "full", "toy", {}), stopping_phases(c, trace, 3), {"c": c})
+    assert trace == [("a", 1), ("a", 2), ("a", 3), "setup b", ("b", 1), ("b", 2)]
+    assert [(r["phase"], r["epoch"]) for r in full] == [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2)]
+    c0, trace0 = Counter(), []   # a stop that never fires: every epoch runs
+    fit(Run(tmp_path / "never", "toy", {}), stopping_phases(c0, trace0, 99), {"c": c0})
+    assert [t for t in trace0 if t[0] == "a"] == [("a", k) for k in range(1, 6)]
+    original, saved = Run.save_checkpoint, []
+
+    def die(self, epoch, state, phase=0):   # killed right after the checkpoint of the stopping epoch
+        original(self, epoch, state, phase)
+        saved.append((phase, epoch))
+        if phase == 0 and len(saved) == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Run, "save_checkpoint", die)
+    c2 = Counter()
+    with pytest.raises(KeyboardInterrupt):
+        fit(Run(tmp_path / "cut", "toy", {}), stopping_phases(c2, [], 3), {"c": c2})
+    monkeypatch.setattr(Run, "save_checkpoint", original)
+    assert saved == [(0, 1), (0, 2), (0, 5)]   # the stop is written as the phase's epochs done
+    c3, trace3 = Counter(), []
+    resumed = fit(Run(tmp_path / "cut", "toy", {}, resume=True), stopping_phases(c3, trace3, 99), {"c": c3})
+    assert trace3 == ["setup b", ("b", 1), ("b", 2)]   # no further epoch of a, even with a stop that would not fire
+    assert [(r["phase"], r["epoch"], r["train_loss"]) for r in resumed] == \
+        [(r["phase"], r["epoch"], r["train_loss"]) for r in full] and c3.n == c.n
 
 
 def test_an_attack_can_build_its_own_batches_and_act_before_each_epoch(tmp_path, fake_root):

@@ -27,7 +27,9 @@ class GeneratorState:
 class Phase:
     """`epochs` steps of train_epoch(epoch) -> training stats (with 'lr'), each followed by evaluate() -> test metrics.
     Epochs are numbered from `start`. setup() runs once before the phase's first epoch in this process (a fresh
-    start or a resume inside the phase). `show`: metric keys the epoch line prints besides loss, ACC, ASR and RA."""
+    start or a resume inside the phase). `show`: metric keys the epoch line prints besides loss, ACC, ASR and RA.
+    stop(row) -> True ends the phase after that epoch (an early stop, RNP's unlearning); its checkpoint then counts
+    the phase as done, so a resume goes on with the next phase."""
     name: str
     epochs: int
     train_epoch: Callable[[int], dict]
@@ -37,6 +39,7 @@ class Phase:
     eval_every: int = 1
     setup: Optional[Callable[[], None]] = None
     show: tuple = ()
+    stop: Optional[Callable[[dict], bool]] = None
 
 
 def fit(run, phases, state: dict):
@@ -61,7 +64,10 @@ def fit(run, phases, state: dict):
             row = {"epoch": epoch, **({"phase": ph.name} if len(phases) > 1 else {}),
                    "lr": stats.pop("lr", math.nan), "seconds": round(time.time() - t0, 3), **stats, **metrics}
             run.log_epoch(row, ph.label, ph.show)
-            if last or (k + 1) % every == 0:
-                run.save_checkpoint(k + 1, state, phase=i)
+            stop = not last and ph.stop is not None and ph.stop(row)
+            if last or stop or (k + 1) % every == 0:
+                run.save_checkpoint(ph.epochs if stop else k + 1, state, phase=i)
+            if stop:
+                break
     return run.rows
 
