@@ -129,7 +129,7 @@ def test_html_report_is_self_contained_and_holds_every_record(tmp_path, tiny_rec
     import shutil
     from html.parser import HTMLParser
     root = tmp_path / "sweep"
-    shutil.copytree(tiny_record, root / "badnet_tiny")
+    shutil.copytree(tiny_record, root / "badnet_tiny", ignore=shutil.ignore_patterns("defense"))   # the attack alone: other tests defend the shared record
     summarize(root, root / "summary", html=True)
     page = (root / "summary" / "report.html").read_text()
 
