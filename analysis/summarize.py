@@ -95,7 +95,8 @@ def _variants(df) -> list:
         keys = sorted({k for c in confs for k in c})
         differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in confs}) > 1]
         for i, c in zip(idx, confs):
-            labels[df.index.get_loc(i)] = ", ".join(f"{k}={c.get(k)}" for k in differ)
+            labels[df.index.get_loc(i)] = ", ".join(f"{k} default" if c.get(k) is None else f"{k}={c.get(k)}"
+                                                    for k in differ)
     return labels
 
 

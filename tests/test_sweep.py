@@ -380,6 +380,15 @@ def test_records_that_differ_in_other_settings_are_not_averaged_as_seeds(tmp_pat
                     {"random_seed": 0, "epochs": epochs, "save_folder_name": name})
     df = collect(tmp_path)
     assert sorted(df["variant"]) == ["epochs=20", "epochs=8"]
+    fake_record(tmp_path / "c", {"attack": "blend", "dataset": "fashion_mnist", "model": "cnn", "pratio": 0.1,
+                                 "test_acc": 0.8, "test_asr": 1.0, "test_ra": 0.0, "seconds": 1.0},
+                {"random_seed": 0, "p_num": 1, "save_folder_name": "c"})
+    fake_record(tmp_path / "d", {"attack": "blend", "dataset": "fashion_mnist", "model": "cnn", "pratio": 0.1,
+                                 "test_acc": 0.8, "test_asr": 1.0, "test_ra": 0.0, "seconds": 1.0},
+                {"random_seed": 0, "p_num": None, "save_folder_name": "d"})
+    df = collect(tmp_path)
+    assert sorted(df["variant"]) == ["epochs=20", "epochs=8", "p_num default", "p_num=1"]   # an unset option by name
+    df = df[df["attack"] == "badnet"]
     ms = mean_std(df)
     assert len(ms) == 2 and sorted(ms["test_acc_mean"]) == pytest.approx([0.7, 0.9]) and set(ms["n_runs"]) == {1}
     summarize(tmp_path, tmp_path / "out", plots=False)
