@@ -1,5 +1,6 @@
 """Shared fixtures: small datasets the tests write themselves in the real on-disk formats, a real
 Fashion-MNIST subset, and tiny attack records that defenses can read."""
+import contextlib
 import gzip
 import os
 import struct
@@ -114,3 +115,22 @@ def repository_records_untouched():
     yield
     after = sorted(p.name for p in (REPO / "record").iterdir()) if (REPO / "record").exists() else []
     assert after == before, f"tests wrote into {REPO / 'record'}: {sorted(set(after) - set(before))}"
+
+
+@contextlib.contextmanager
+def killed_after_checkpoint(when):
+    """A run killed right after the checkpoint for which when(phase, epoch) holds (epoch: the phase's epochs done):
+    the block must end in that KeyboardInterrupt, and the checkpoint is on disk for a --resume."""
+    from utils.run_folder import Run
+    original = Run.save_checkpoint
+
+    def die(self, epoch, state, phase=0):
+        original(self, epoch, state, phase)
+        if when(phase, epoch):
+            raise KeyboardInterrupt
+    Run.save_checkpoint = die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        Run.save_checkpoint = original

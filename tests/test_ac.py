@@ -11,6 +11,7 @@ import torch
 from defense import ac
 from utils.detection import roc_auc
 from utils.errors import UserError
+from tests.conftest import killed_after_checkpoint
 from utils.model_file import load_model_file
 
 CFG = {"nb_dims": 3, "reduce": "FastICA", "kmeans_n_init": 10, "ica_max_iter": 1000, "ica_tol": 0.005,
@@ -98,18 +99,9 @@ def test_a_run_removes_retrains_and_resumes(tiny_record, monkeypatch):
     for f in ("clusters.csv", "model.pt", "detection_scores.csv", "ac.json", "curves.png"):
         assert (out / f).exists(), f
     model, _ = load_model_file(out / "model.pt")
-    from utils.run_folder import Run
-    original = Run.save_checkpoint
-
-    def die(self, epoch, state, phase=0):
-        original(self, epoch, state, phase)
-        if phase == 0:
-            raise KeyboardInterrupt
     shutil.rmtree(out)
-    monkeypatch.setattr(Run, "save_checkpoint", die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_checkpoint(lambda phase, epoch: phase == 0):
         run_ac(tiny_record)
-    monkeypatch.setattr(Run, "save_checkpoint", original)
     monkeypatch.setattr(ac, "detect", lambda *a: pytest.fail("a resumed run must not cluster again"))
     r = run_ac(tiny_record, "--resume")
     again, _ = load_model_file(out / "model.pt")

@@ -10,6 +10,7 @@ import torch
 from defense import spectral
 from utils.detection import roc_auc
 from utils.errors import UserError
+from tests.conftest import killed_after_checkpoint
 from utils.model_file import load_model_file
 
 
@@ -71,18 +72,9 @@ def test_a_run_removes_retrains_and_resumes(tiny_record, monkeypatch):
     counts = torch.bincount(rec.data.y_train[rec.data.train_indices], minlength=10)
     assert len(removed) == sum(spectral.removal_count(int(n), 0.1, 1.5) for n in counts)
     # interrupted in the retraining, resumed: the same model, and the scores are not computed again
-    from utils.run_folder import Run
-    original = Run.save_checkpoint
-
-    def die(self, epoch, state, phase=0):
-        original(self, epoch, state, phase)
-        if phase == 0:
-            raise KeyboardInterrupt
     shutil.rmtree(out)
-    monkeypatch.setattr(Run, "save_checkpoint", die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_checkpoint(lambda phase, epoch: phase == 0):
         run_spectral(tiny_record)
-    monkeypatch.setattr(Run, "save_checkpoint", original)
     monkeypatch.setattr(spectral, "detect", lambda *a: pytest.fail("a resumed run must not score again"))
     r = run_spectral(tiny_record, "--resume")
     again, _ = load_model_file(out / "model.pt")
@@ -90,18 +82,10 @@ def test_a_run_removes_retrains_and_resumes(tiny_record, monkeypatch):
     assert r["test_asr"] == s["test_asr"] and r["det_auroc"] == s["det_auroc"]
 
 
-def test_an_altered_removed_file_is_refused(tiny_record, monkeypatch):
-    from utils.run_folder import Run
-    original = Run.save_checkpoint
-
-    def die(self, epoch, state, phase=0):
-        original(self, epoch, state, phase)
-        raise KeyboardInterrupt
+def test_an_altered_removed_file_is_refused(tiny_record):
     out = Path(tiny_record) / "defense" / "spectral_alt"
-    monkeypatch.setattr(Run, "save_checkpoint", die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_checkpoint(lambda phase, epoch: True):
         run_spectral(tiny_record, "--out_suffix", "_alt")
-    monkeypatch.setattr(Run, "save_checkpoint", original)
     (out / "removed.txt").write_text("0\n1\n")
     with pytest.raises(UserError, match="SHA-256 differs"):
         run_spectral(tiny_record, "--out_suffix", "_alt", "--resume")
