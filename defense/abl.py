@@ -29,24 +29,17 @@ import torch.nn.functional as F
 from utils.config import Opt, in_range
 from utils.defense import defense_config, finish_defense, open_defense
 from utils.detection import detection_metrics
-from utils.engine.augment import random_crop_flip, to_unit
+from utils.engine.augment import cutout, random_crop_flip, to_unit
 from utils.engine.device import to_device
 from utils.engine.epoch import batch_indices, progress, weighted_sum
 from utils.engine.evaluate import eval_mode
 from utils.engine.loop import GeneratorState, Phase, fit
-from utils.engine.optim import fused
+from utils.engine.optim import fused, set_lr
 from utils.errors import UserError, run_main
+from utils.options import milestones
 from utils.registry import register
 from utils.retrain import fresh_model
 from utils.seeding import generator
-
-
-def milestones(v):
-    """Counts of completed epochs: a YAML list, one integer, or '40' / '40,60' on the command line."""
-    items = v.strip("[] ").replace(",", " ").split() if isinstance(v, str) else [v] if isinstance(v, int) else v
-    if isinstance(v, bool) or not all(str(w).isdigit() for w in items):
-        raise ValueError("expected a list of epoch counts (>= 0), e.g. [40] or 40,60")
-    return sorted(int(w) for w in items)
 
 
 positive = in_range(0, lo_open=True)
@@ -125,16 +118,6 @@ ascent = lambda per: (-per.mean(), None, 0)     # noqa: E731  unlearning: -CE_B
 
 # --- 3. augmentation, optimisers, one epoch -------------------------------------------------------------------------
 
-def cutout_keep(h, w, rows, cols, length):
-    """(B, H, W) mask, 0 in each image's hole: rows max(0, r - half) .. min(H, r + half) - 1, the same for columns,
-    half = length // 2 (the authors' Cutout: length 3 zeroes a 2 x 2 square)."""
-    half = length // 2
-    r, c = torch.arange(h, device=rows.device), torch.arange(w, device=rows.device)
-    in_r = (r[None] >= (rows - half).clamp(min=0)[:, None]) & (r[None] < (rows + half).clamp(max=h)[:, None])
-    in_c = (c[None] >= (cols - half).clamp(min=0)[:, None]) & (c[None] < (cols + half).clamp(max=w)[:, None])
-    return ~(in_r[:, :, None] & in_c[:, None, :])
-
-
 def make_augment(record, gen, crop_flip: bool, cutout_length=0):
     """The attack's crop / flip (conventions §4) when on, then Cutout when length > 0, drawn from gen; None: none."""
     if not crop_flip and cutout_length == 0:
@@ -146,10 +129,7 @@ def make_augment(record, gen, crop_flip: bool, cutout_length=0):
         if crop_flip:
             xb = random_crop_flip(xb, gen, padding, hflip)
         if cutout_length:
-            b, _, h, w = xb.shape
-            centre = to_device(torch.stack([torch.randint(0, h, (b,), generator=gen),
-                                            torch.randint(0, w, (b,), generator=gen)]), xb.device)
-            xb = xb * cutout_keep(h, w, centre[0], centre[1], cutout_length)[:, None].to(xb.dtype)
+            xb = cutout(xb, cutout_length, gen)
         return xb
     return augment
 
@@ -158,11 +138,6 @@ def make_sgd(params, cfg):
     params = list(params)   # the lr is set per epoch by each phase
     return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
                            nesterov=cfg["nesterov"], **fused(params))
-
-
-def set_lr(opt, lr):
-    for g in opt.param_groups:
-        g["lr"] = lr
 
 
 def finetune_lr(epoch, cfg):

@@ -19,7 +19,7 @@ import time
 import torch
 
 from utils.config import Opt, in_range
-from utils.defense import defense_config, finish_defense, open_defense
+from utils.defense import check_classes, defense_config, finish_defense, open_defense
 from utils.engine.augment import random_crop_flip, to_unit
 from utils.engine.epoch import train_epoch_supervised
 from utils.engine.evaluate import eval_mode
@@ -181,14 +181,6 @@ def finetune_phase(ctx, model, x, y, state) -> Phase:
         scheduler_step(sched, stats["train_loss"])
         return {"lr": lr, **stats}
     return Phase("fine-tune", cfg["epochs"], train_epoch, lambda: ctx.evaluate(model), setup=setup)
-
-
-def check_classes(y, k, allow):
-    counts = torch.bincount(y.cpu(), minlength=k)
-    missing = [c for c in range(k) if counts[c] == 0]
-    if missing and not allow:
-        raise UserError(f"the clean subset has no sample of class(es) {missing}; make the attack with --reserve_ratio, "
-                        "give an index file, or pass --allow_missing_classes true")
 
 
 @register("fp", "defense", paper="Liu et al., RAID 2018", needs=("trained_model", "clean_subset"), options=OPTIONS,

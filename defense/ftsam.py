@@ -25,7 +25,7 @@ from utils.engine.augment import random_crop_flip, to_unit
 from utils.engine.epoch import batch_indices, progress, weighted_sum
 from utils.engine.evaluate import predict
 from utils.engine.loop import GeneratorState, Phase, fit
-from utils.engine.optim import make_optimizer, make_scheduler
+from utils.engine.optim import make_optimizer, make_scheduler, scheduler_step
 from utils.errors import UserError, run_main
 from utils.options import clean_subset_options, recipe_options
 from utils.registry import register
@@ -140,13 +140,6 @@ def check_schedule(cfg):
     if cfg["lr_scheduler"] == "ReduceLROnPlateau" and cfg["sched_step"] == "iteration":
         raise UserError("ReduceLROnPlateau watches the epoch's mean training loss and steps once per epoch: pass "
                         "--sched_step epoch (or choose --lr_scheduler CosineAnnealingLR)")
-
-
-def scheduler_step(scheduler, mean_loss=None):
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(mean_loss)
-    elif scheduler is not None:
-        scheduler.step()
 
 
 class Counter:

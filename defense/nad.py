@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from utils.config import Opt, in_range
-from utils.defense import defense_config, finish_defense, open_defense
-from utils.engine.augment import random_crop_flip, to_unit
-from utils.engine.device import to_device
+from utils.defense import check_classes, defense_config, finish_defense, open_defense
+from utils.engine.augment import cutout, random_crop_flip, to_unit
 from utils.engine.epoch import batch_indices, progress, train_epoch_supervised, weighted_sum
 from utils.engine.loop import GeneratorState, Phase, fit
-from utils.engine.optim import fused, make_scheduler, scheduler_step
+from utils.engine.optim import fused, make_scheduler, scheduler_step, set_lr
 from utils.errors import UserError, run_main
 from utils.metrics import der
 from utils.model_file import load_model_file
@@ -132,11 +131,6 @@ def step_lr(k, cfg):
     return cfg["lr"] if k < 2 else cfg["lr_mid"] if k < 20 else cfg["lr_late"]
 
 
-def set_lr(opt, lr):
-    for g in opt.param_groups:
-        g["lr"] = lr
-
-
 def make_sgd(params, cfg):
     params = list(params)
     return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["sgd_momentum"], weight_decay=cfg["wd"],
@@ -171,25 +165,13 @@ def load_teacher(path, info, teacher):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def check_classes(y, k, allow):
-    missing = [c for c in range(k) if (y.cpu() == c).sum() == 0]
-    if missing and not allow:
-        raise UserError(f"the clean subset has no sample of class(es) {missing}; make the attack with --reserve_ratio, "
-                        "give an index file, or pass --allow_missing_classes true")
-
-
 # --- 4. augmentation: crop / flip, then Cutout (abl.md §5.3) --------------------------------------------------------
 
-def make_augment(gen, padding, hflip, cutout):
+def make_augment(gen, padding, hflip, length):
     def augment(xb):
         xb = random_crop_flip(xb, gen, padding, hflip) if padding or hflip else xb
-        if cutout:
-            b, _, h, w = xb.shape
-            r, c = (to_device(torch.randint(0, n, (b,), generator=gen), xb.device) for n in (h, w))
-            half, rr, cc = cutout // 2, torch.arange(h, device=xb.device), torch.arange(w, device=xb.device)
-            in_r = (rr >= (r - half).clamp(min=0)[:, None]) & (rr < (r + half).clamp(max=h)[:, None])
-            in_c = (cc >= (c - half).clamp(min=0)[:, None]) & (cc < (c + half).clamp(max=w)[:, None])
-            xb = xb * (~(in_r[:, :, None] & in_c[:, None, :]))[:, None].to(xb.dtype)
+        if length:
+            xb = cutout(xb, length, gen)
         return xb
     return augment
 

@@ -27,17 +27,9 @@ from utils.engine.loop import GeneratorState, Phase, fit
 from utils.errors import run_main
 from utils.io import read_json
 from utils.metrics import accuracy
-from utils.options import clean_subset_options
+from utils.options import clean_subset_options, milestones
 from utils.registry import register
 from utils.seeding import generator
-
-
-def milestones(v):
-    """Epoch counts: a YAML list, one integer, or '10,20' on the command line."""
-    items = v.strip("[] ").replace(",", " ").split() if isinstance(v, str) else [v] if isinstance(v, int) else v
-    if isinstance(v, bool) or not all(str(w).isdigit() for w in items):
-        raise ValueError("expected a list of epoch counts (>= 1), e.g. [10, 20] or 10,20")
-    return sorted(int(w) for w in items)
 
 
 positive = in_range(0, lo_open=True)

@@ -14,6 +14,7 @@ from torch import nn
 import defense.abl as abl
 from models import build_model
 from utils.config import CONFIG_DIR
+from utils.engine.augment import cutout_keep
 from utils.engine.device import Precision
 from utils.errors import UserError
 from utils.run_folder import Run
@@ -121,7 +122,7 @@ def test_scoring_is_batched_eval_mode_fp32_and_leaves_the_model_alone():
 # --- augmentation, schedule, unlearning ----------------------------------------------------------------------------
 
 def test_cutout_of_length_3_zeroes_a_2x2_square_inside_and_a_1x2_strip_at_the_top():
-    keep = abl.cutout_keep(5, 5, torch.tensor([2, 0]), torch.tensor([2, 2]), 3)
+    keep = cutout_keep(5, 5, torch.tensor([2, 0]), torch.tensor([2, 2]), 3)
     assert (~keep[0]).nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
     assert (~keep[1]).nonzero().tolist() == [[0, 1], [0, 2]]
 

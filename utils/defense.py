@@ -105,6 +105,15 @@ class DefenseContext:
         return model_payload(model, info["model_name"], info["input_shape"], info["width"], info["dataset"])
 
 
+def check_classes(y, k, allow):
+    """A clean subset without some class is refused unless the method allows it."""
+    counts = torch.bincount(y.cpu(), minlength=k)
+    missing = [c for c in range(k) if counts[c] == 0]
+    if missing and not allow:
+        raise UserError(f"the clean subset has no sample of class(es) {missing}; make the attack with --reserve_ratio, "
+                        "give an index file, or pass --allow_missing_classes true")
+
+
 def check_out_name(name: str):
     """A defense writes only into its own folder under <record>/defense/: a plain folder name, never a path."""
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", name):

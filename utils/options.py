@@ -16,6 +16,14 @@ def auto_bool(v):
     raise ValueError("expected auto, true or false")
 
 
+def milestones(v):
+    """Counts of completed epochs: a YAML list, one integer, or '40' / '40,60' on the command line."""
+    items = v.strip("[] ").replace(",", " ").split() if isinstance(v, str) else [v] if isinstance(v, int) else v
+    if isinstance(v, bool) or not all(str(w).isdigit() for w in items):
+        raise ValueError("expected a list of epoch counts (>= 0), e.g. [40] or 40,60")
+    return sorted(int(w) for w in items)
+
+
 def compile_choice(v):
     """false, true (the mode chosen for the device) or one of torch.compile's mode names."""
     if isinstance(v, bool):

@@ -25,6 +25,24 @@ def random_crop_flip(x: torch.Tensor, gen: torch.Generator, padding: int = 4, fl
     return x
 
 
+def cutout_keep(h, w, rows, cols, length):
+    """(B, H, W) mask, 0 in each image's hole: rows max(0, r - half) .. min(H, r + half) - 1, the same for columns,
+    half = length // 2 (the authors' Cutout for ABL and NAD: length 3 zeroes a 2 x 2 square)."""
+    half = length // 2
+    r, c = torch.arange(h, device=rows.device), torch.arange(w, device=rows.device)
+    in_r = (r[None] >= (rows - half).clamp(min=0)[:, None]) & (r[None] < (rows + half).clamp(max=h)[:, None])
+    in_c = (c[None] >= (cols - half).clamp(min=0)[:, None]) & (c[None] < (cols + half).clamp(max=w)[:, None])
+    return ~(in_r[:, :, None] & in_c[:, None, :])
+
+
+def cutout(x: torch.Tensor, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Cutout on a float batch: one hole per image, its centre row then column drawn from gen."""
+    b, _, h, w = x.shape
+    rows = to_device(torch.randint(0, h, (b,), generator=gen), x.device)
+    cols = to_device(torch.randint(0, w, (b,), generator=gen), x.device)
+    return x * cutout_keep(h, w, rows, cols, length)[:, None].to(x.dtype)
+
+
 def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float().div_(255)
 

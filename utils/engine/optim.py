@@ -33,7 +33,13 @@ def make_scheduler(optimizer, cfg):
     raise UserError(f"lr_scheduler '{name}' unknown; allowed: CosineAnnealingLR, ReduceLROnPlateau, none")
 
 
-def scheduler_step(scheduler, train_loss):
+def set_lr(optimizer, lr):
+    """A method's own schedule: every group at lr."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def scheduler_step(scheduler, train_loss=None):
     if scheduler is None:
         return
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
