@@ -222,7 +222,7 @@ def bypass_training(ctx) -> Training:
                         "discriminator's BatchNorm cannot train on; keep --drop_last true or change --batch_size")
     disc, disc_opt, noise_gen = build_discriminator(ctx.model, ctx.cfg, device)
     return Training(
-        epoch=lambda c: bypass_epoch(c, disc, disc_opt),
+        epoch=lambda c, e: bypass_epoch(c, disc, disc_opt),
         evaluate=lambda: held_out_disc_metrics(ctx.model, disc, ctx.eval_sets, ctx.precision, ctx.cfg["eval_batch_size"]),
         state={"discriminator": disc, "disc_optimizer": disc_opt, "disc_noise_gen": GeneratorState(noise_gen)},
         payload=lambda: {"discriminator_state_dict": disc.state_dict(),

@@ -14,7 +14,7 @@ from utils.data import DATASETS, dataset_info, load_dataset
 from utils.engine.augment import random_crop_flip
 from utils.engine.device import Precision, pick_device
 from utils.engine.epoch import train_epoch_supervised
-from utils.engine.evaluate import EvalSets, breakdown_line, breakdown_summary, evaluate_backdoor
+from utils.engine.evaluate import EvalSets, breakdown_line, breakdown_summary, cross_accuracy, evaluate_backdoor
 from utils.engine.loop import GeneratorState, Phase, fit
 from utils.engine.setup import start_engine
 from utils.engine.optim import make_optimizer, make_scheduler, scheduler_step
@@ -94,6 +94,7 @@ class AttackContext:
     precision: Precision
     data: object
     x_train: torch.Tensor      # uint8, the attacker's training set, on the device
+    x_clean: torch.Tensor      # uint8, its clean originals (what per-batch attacks poison as they go)
     y_train: torch.Tensor
     indicator: torch.Tensor
     y_true: torch.Tensor
@@ -106,19 +107,27 @@ class AttackContext:
 @dataclass
 class Training:
     """How an attack trains when it is not the standard epoch. Everything optional:
-    epoch(ctx) -> the epoch's row (replaces the standard epoch); batch(ctx, idx) -> (x float, y) builds each
-    training batch of the standard epoch from the indices (per-batch poisoning, noise or cross samples);
-    epoch_start(ctx, epoch) runs before each epoch; evaluate() -> extra test metrics for every row; state: extra
-    objects for the checkpoint; payload() -> extra entries of model.pt; show: metric keys of the epoch line;
-    curves: (key, label) series added to curves.png."""
+    epoch(ctx, epoch) -> the epoch's row (replaces the standard epoch); batch(ctx, idx) -> (x float, y) builds each
+    training batch of the standard epoch from the indices; epoch_start(ctx, epoch) runs before each epoch;
+    evaluate() -> extra test metrics for every row; before_eval() runs before each evaluation (a trigger that is
+    still learning refreshes the poisoned test set); state: extra objects for the checkpoint; payload() -> extra
+    entries of model.pt; show: metric keys of the epoch line; curves: (key, label) series added to curves.png;
+    phases_before: Phases run before the classifier's (Input-Aware's mask generator), which then trains `epochs`
+    epochs (default: the configured ones) numbered from `start`; final_trigger() -> the trigger as training left
+    it, when it learns: the record's poisoned sets are rebuilt from it and the result is evaluated on them."""
     epoch: Optional[Callable] = None
     batch: Optional[Callable] = None
     epoch_start: Optional[Callable] = None
     evaluate: Optional[Callable] = None
+    before_eval: Optional[Callable] = None
     state: dict = field(default_factory=dict)
     payload: Optional[Callable] = None
     show: tuple = ()
     curves: tuple = ()
+    phases_before: tuple = ()
+    epochs: Optional[int] = None
+    start: int = 1
+    final_trigger: Optional[Callable] = None
 
 
 def standard_epoch(ctx: AttackContext, batch=None):
@@ -154,13 +163,17 @@ def augmentation_deviations(cfg) -> list:
     return out
 
 
-def prepare_data(cfg, trigger, clean_label=False):
+def prepare_data(cfg, trigger, clean_label=False, plan=None):
     """The clean dataset, the poison plan and the poisoned sets, with every check that needs them (sizes, p_num,
-    a training set of at least one batch): all before any file is written or an old record is moved aside."""
+    a training set of at least one batch): all before any file is written or an old record is moved aside.
+    plan(y_train, num_classes) -> PoisonPlan replaces the standard plan (per-batch attacks)."""
     dataset = load_dataset(cfg["dataset"], cfg["dataset_path"])
-    plan = plan_poison(dataset.y_train, dataset.info.num_classes, cfg["pratio"], cfg["p_num"], cfg["attack_label_trans"],
-                       cfg["attack_target"], cfg["attack_label_shift_amount"], cfg["reserve_ratio"],
-                       cfg["reserve_rule"], cfg["random_seed"], clean_label)
+    if plan is not None:
+        plan = plan(dataset.y_train, dataset.info.num_classes)
+    else:
+        plan = plan_poison(dataset.y_train, dataset.info.num_classes, cfg["pratio"], cfg["p_num"],
+                           cfg["attack_label_trans"], cfg["attack_target"], cfg["attack_label_shift_amount"],
+                           cfg["reserve_ratio"], cfg["reserve_rule"], cfg["random_seed"], clean_label)
     n_train = len(dataset.y_train) - len(plan.reserve_indices)
     if cfg["drop_last"] and n_train < cfg["batch_size"]:
         raise UserError(f"the attacker's training set holds {n_train} samples, fewer than batch_size "
@@ -176,7 +189,7 @@ def attack_context(cfg, model, precision, data, device):
     optimizer = make_optimizer(model.parameters(), cfg)
     return AttackContext(
         cfg, model, optimizer, make_scheduler(optimizer, cfg), precision, data,
-        x_train=data.x_train[tr].to(device), y_train=data.y_train[tr].to(device),
+        x_train=data.x_train[tr].to(device), x_clean=data.x_train_clean[tr].to(device), y_train=data.y_train[tr].to(device),
         indicator=data.poison_indicator[tr].to(device), y_true=data.y_train_true[tr].to(device),
         shuffle_gen=generator(cfg["random_seed"], "shuffle"), aug_gen=aug_gen,
         augment=lambda x: random_crop_flip(x, aug_gen, cfg["crop_padding"], hflip),
@@ -188,12 +201,13 @@ def data_hflip(cfg):
 
 
 def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, training=None, extra_config=None,
-               clean_label=False):
+               clean_label=False, plan=None):
     """Poison, train, evaluate every epoch, and write the record. training(ctx) -> Training, for attacks whose
-    training differs from the standard epoch; clean_label: poison target-class samples only, labels kept."""
+    training differs from the standard epoch; clean_label: poison target-class samples only, labels kept;
+    plan: see prepare_data."""
     path = record_path(cfg["save_folder_name"])
     t0 = time.time()
-    dataset, plan, data = prepare_data(cfg, trigger, clean_label)
+    dataset, plan, data = prepare_data(cfg, trigger, clean_label, plan)
     device = pick_device(cfg["device"])
     extra = dict(extra_config or {})
     run = Run(path, attack, cfg, overwrite=args.overwrite, resume=args.resume, extra=extra,
@@ -212,12 +226,30 @@ def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, traini
         write_trigger(run, attack, cfg, trigger, trigger_meta, plan, data)
         ctx = attack_context(cfg, model, precision, data, device)
         t = training(ctx) if training else Training()
-        rows = fit(run, attack_phase(ctx, t), {
+        rows = fit(run, [*t.phases_before, attack_phase(ctx, t)], {
             "model": model, "optimizer": ctx.optimizer, "scheduler": ctx.scheduler, "precision": precision,
             "shuffle_gen": GeneratorState(ctx.shuffle_gen), "aug_gen": GeneratorState(ctx.aug_gen), **t.state})
-        return finish_attack(run, attack, cfg, info, model, rows, t)
+        final = None
+        if t.final_trigger is not None:   # the learnt trigger: the record's sets rebuilt from it, the result on them
+            trigger = t.final_trigger()
+            data = build_poisoned_data(dataset, trigger, plan)
+            write_trigger(run, attack, cfg, trigger, trigger_meta, plan, data)
+            ctx.data, ctx.eval_sets = data, EvalSets(data, device)
+            final = evaluate_attack(ctx, t, refresh=False)
+        return finish_attack(run, attack, cfg, info, model, rows, t, final)
     finally:
         run.close()
+
+
+def evaluate_attack(ctx, t: Training, refresh=True) -> dict:
+    """C-ACC, ASR, RA and the breakdown; the cross-sample accuracy where the trigger has a cross transform; the
+    attack's own figures."""
+    if refresh and t.before_eval is not None:
+        t.before_eval()
+    out = evaluate_backdoor(ctx.model, ctx.eval_sets, ctx.precision, ctx.cfg["eval_batch_size"])
+    if ctx.eval_sets.x_cross is not None:
+        out.update(cross_accuracy(ctx.model, ctx.eval_sets, ctx.precision, ctx.cfg["eval_batch_size"]))
+    return {**out, **(t.evaluate() if t.evaluate is not None else {})}
 
 
 def attack_phase(ctx, t: Training) -> Phase:
@@ -226,23 +258,25 @@ def attack_phase(ctx, t: Training) -> Phase:
     def epoch(e):
         if t.epoch_start is not None:
             t.epoch_start(ctx, e)
-        return t.epoch(ctx) if t.epoch is not None else standard_epoch(ctx, t.batch)
+        return t.epoch(ctx, e) if t.epoch is not None else standard_epoch(ctx, t.batch)
 
-    def evaluate():
-        out = evaluate_backdoor(ctx.model, ctx.eval_sets, ctx.precision, cfg["eval_batch_size"])
-        return {**out, **(t.evaluate() if t.evaluate is not None else {})}
-    return Phase("train", cfg["epochs"], epoch, evaluate, eval_every=cfg["eval_every"], show=t.show)
+    show = (*t.show, *(("test_cross_acc",) if ctx.eval_sets.x_cross is not None else ()))
+    return Phase("train", t.epochs or cfg["epochs"], epoch, lambda: evaluate_attack(ctx, t), start=t.start,
+                 eval_every=cfg["eval_every"], show=show)
 
 
-def finish_attack(run, attack, cfg, info, model, rows, t: Training):
+def finish_attack(run, attack, cfg, info, model, rows, t: Training, final=None):
     payload = model_payload(model, cfg["model"], info.shape, cfg["model_width"], info.name)
     payload.update(t.payload() if t.payload is not None else {})
     run.save_model(payload)
     run.write_file("curves.png", curves_figure(rows, f"{attack} on {info.name} ({cfg['model']})", dashed=t.curves))
-    last = rows[-1]
+    last = rows[-1] if final is None else final
+    extra = {"test_cross_acc": last["test_cross_acc"]} if "test_cross_acc" in last else {}
+    if final is not None:   # the last epoch's figures on the sets the trigger made while it was still on the device
+        extra.update({f"{k}_during_training": rows[-1].get(k) for k in ("test_acc", "test_asr", "test_ra")})
     summary = run.finish({"attack": attack, "dataset": info.name, "model": cfg["model"], "pratio": cfg["pratio"],
                           "test_acc": last["test_acc"], "test_asr": last["test_asr"], "test_ra": last["test_ra"],
-                          **breakdown_summary(last),
+                          **extra, **breakdown_summary(last),
                           "epochs": cfg["epochs"], "train_seconds": round(sum(r["seconds"] for r in rows), 2)})
     print(f"\n{attack} done in {summary['seconds']:.1f}s: ACC {summary['test_acc']:.4f}  ASR {summary['test_asr']:.4f}"
           f"  RA {summary['test_ra']:.4f}  {breakdown_line(last)}\nrecord: {run.path}")
@@ -270,6 +304,10 @@ def write_trigger(run, attack, cfg, trigger, trigger_meta, plan, data):
     spec = {**trigger.spec(), **trigger_meta, "tensors_file": "trigger.safetensors",
             "tensors_sha256": hashlib.sha256(tensors).hexdigest()}
     extra = clean_label_check(plan, data) if plan.clean_label else {}
+    if plan.cross_indices is not None:
+        extra["cross_indices"] = plan.cross_indices.tolist()
+    if plan.per_batch is not None:
+        extra["per_batch"] = plan.per_batch
     atomic_write_json(run.path / "poison.json", {
         "format_version": FORMAT_VERSION, "attack": attack, "dataset": cfg["dataset"],
         "attack_label_trans": plan.label_trans, "attack_target": plan.target,

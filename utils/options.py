@@ -3,7 +3,7 @@ defender's clean subset. A method takes a group with its own defaults (the spec'
 from utils.config import Opt, in_range
 from utils.engine.device import COMPILE_MODES, device_check
 
-SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "none")
+SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "none")
 
 
 def auto_bool(v):
@@ -75,6 +75,9 @@ def recipe_options(epochs=100, batch_size=128, lr=0.01, optimizer="sgd", momentu
             check=in_range(0, 1, lo_open=True, hi_open=True)),
         Opt("plateau_patience", int, 10, "ReduceLROnPlateau: epochs without improvement of the training loss before "
             "a reduction", check=in_range(0)),
+        Opt("steplr_milestones", milestones, [100, 200, 300, 400], "MultiStepLR: completed epochs after which the lr "
+            "is multiplied by steplr_gamma (BackdoorBench's WaNet, Input-Aware and BppAttack value)"),
+        Opt("steplr_gamma", float, 0.1, "MultiStepLR: factor at each milestone", check=in_range(0, 1, lo_open=True)),
     ]
 
 

@@ -5,7 +5,7 @@ trigger, and the loader rebuilds the same tensors bit for bit.
 """
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from typing import Optional
 
@@ -70,16 +70,17 @@ class PoisonPlan:
     poison_labels: Optional[torch.Tensor] = None
     bd_test_indices: Optional[torch.Tensor] = None
     bd_test_labels: Optional[torch.Tensor] = None
+    # an attack that controls training (utils/per_batch.py): training samples altered by the trigger's cross
+    # transform (WaNet's noise, BppAttack's negatives, Input-Aware's cross-trigger samples), true labels kept
+    cross_indices: Optional[torch.Tensor] = None
+    per_batch: Optional[dict] = None    # how batches were poisoned, in words and numbers (poison.json)
 
     def labels(self, y, k):
         return attack_labels(y, self.label_trans, self.target, self.shift, k)
 
 
-def plan_poison(y_train, num_classes, pratio, p_num, label_trans, target, shift, reserve_ratio, reserve_rule,
-                seed, clean_label=False) -> PoisonPlan:
-    """Which training samples are held out for the defender and which are poisoned. pratio is a fraction of the
-    attacker's training set; with clean_label the poisoned samples are drawn from its target-class samples only
-    (their labels already are the target)."""
+def draw_reserve(y_train, num_classes, reserve_ratio, reserve_rule, seed):
+    """(reserve indices, the attacker's pool: every other index, sorted)."""
     from utils.seeding import generator
     n = len(y_train)
     reserve = torch.empty(0, dtype=torch.int64)
@@ -89,7 +90,17 @@ def plan_poison(y_train, num_classes, pratio, p_num, label_trans, target, shift,
                                       generator(seed, "reserve"), reserve_rule, what="reserve")
     in_reserve = torch.zeros(n, dtype=torch.bool)
     in_reserve[reserve] = True
-    pool = torch.arange(n)[~in_reserve]
+    return reserve, torch.arange(n)[~in_reserve]
+
+
+def plan_poison(y_train, num_classes, pratio, p_num, label_trans, target, shift, reserve_ratio, reserve_rule,
+                seed, clean_label=False) -> PoisonPlan:
+    """Which training samples are held out for the defender and which are poisoned. pratio is a fraction of the
+    attacker's training set; with clean_label the poisoned samples are drawn from its target-class samples only
+    (their labels already are the target)."""
+    from utils.seeding import generator
+    n = len(y_train)
+    reserve, pool = draw_reserve(y_train, num_classes, reserve_ratio, reserve_rule, seed)
     n_p = int(p_num) if p_num else math.floor(pratio * len(pool) + 0.5)
     if n_p <= 0:
         raise UserError(f"pratio {pratio} of {len(pool)} training samples poisons no sample; raise pratio or set p_num")
@@ -124,11 +135,22 @@ class PoisonedData:
     y_bd_test_true: torch.Tensor
     bd_test_indices: torch.Tensor
     num_classes: int
+    cross_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    x_cross_test: Optional[torch.Tensor] = None   # every test image through the trigger's cross transform, true labels
 
     def digests(self) -> dict:
-        return {"train_labels_sha256": tensor_sha256(self.y_train_true),
-                "poisoned_train_sha256": tensor_sha256(self.x_train),
-                "poisoned_test_sha256": tensor_sha256(self.x_bd_test)}
+        out = {"train_labels_sha256": tensor_sha256(self.y_train_true),
+               "poisoned_train_sha256": tensor_sha256(self.x_train),
+               "poisoned_test_sha256": tensor_sha256(self.x_bd_test)}
+        if self.x_cross_test is not None:
+            out["cross_test_sha256"] = tensor_sha256(self.x_cross_test)
+        return out
+
+    def altered(self) -> torch.Tensor:
+        """Training indices whose image the attack changed: poisoned, or cross samples (true label kept)."""
+        mask = self.poison_indicator.bool().clone()
+        mask[self.cross_indices] = True
+        return mask
 
 
 def build_poisoned_data(dataset, trigger, plan: PoisonPlan) -> PoisonedData:
@@ -145,6 +167,13 @@ def build_poisoned_data(dataset, trigger, plan: PoisonPlan) -> PoisonedData:
     indicator[idx] = 1
     keep = torch.ones(len(y), dtype=torch.bool)
     keep[plan.reserve_indices] = False
+    cross = plan.cross_indices if plan.cross_indices is not None else torch.empty(0, dtype=torch.int64)
+    if len(cross):   # images altered, labels kept; the partners or sources come from the attacker's pool
+        x_p[cross] = trigger.cross(x, cross, torch.arange(len(y))[keep], generator(plan.seed, "trigger_cross_train"))
+    x_cross_test = None
+    if hasattr(trigger, "cross"):
+        every = torch.arange(len(dataset.y_test))
+        x_cross_test = trigger.cross(dataset.x_test, every, every, generator(plan.seed, "trigger_cross_test"))
     # all2one: every non-target test sample; all2all: every test sample (BackdoorBench uses pratio 1 there)
     bd_idx = (plan.bd_test_indices if plan.bd_test_indices is not None
               else torch.nonzero(dataset.y_test != plan.target).flatten() if plan.label_trans == "all2one"
@@ -156,7 +185,7 @@ def build_poisoned_data(dataset, trigger, plan: PoisonPlan) -> PoisonedData:
         x_bd_test=trigger.apply(dataset.x_test[bd_idx], bd_idx, generator(plan.seed, "trigger_test"), train=False),
         y_bd_test=plan.labels(dataset.y_test[bd_idx], k) if plan.bd_test_labels is None else plan.bd_test_labels,
         y_bd_test_true=dataset.y_test[bd_idx],
-        bd_test_indices=bd_idx, num_classes=k)
+        bd_test_indices=bd_idx, num_classes=k, cross_indices=cross, x_cross_test=x_cross_test)
 
 
 def read_index_file(path, n: int) -> torch.Tensor:
@@ -182,15 +211,15 @@ def defender_clean_subset(data: PoisonedData, ratio: float, balanced: bool, seed
     n, k = len(data.y_train_true), data.num_classes
     if index_file:
         idx = read_index_file(index_file, n)
-        poisoned = idx[data.poison_indicator[idx] == 1]
+        poisoned = idx[data.altered()[idx]]
         if len(poisoned):
-            print(f"warning: {len(poisoned)} indices of {index_file} were poisoned in the attacker's training set "
+            print(f"warning: {len(poisoned)} indices of {index_file} were poisoned (or cross samples) in the attacker's training set "
                   f"(their clean originals are used): {poisoned[:20].tolist()}{' ...' if len(poisoned) > 20 else ''}")
         return idx, "index_file"
     if len(data.reserve_indices):
         pool, source = data.reserve_indices, "reserve"
-    else:
-        pool, source = data.train_indices[data.poison_indicator[data.train_indices] == 0], "unpoisoned"
+    else:   # cross samples keep their label but not their image: not clean either
+        pool, source = data.train_indices[~data.altered()[data.train_indices]], "unpoisoned"
     g = generator(seed, "clean_subset")
     size = math.floor(n * ratio / k) if balanced else math.floor(n * ratio)
     if size == 0:

@@ -114,7 +114,7 @@ def load_attack_record(result_file, dataset_path=None, device="cpu") -> AttackRe
                           torch.tensor(poison["poison_indices"], dtype=torch.int64),
                           bool(poison.get("clean_label", False)), int(poison.get("trigger_seed", cfg.get("random_seed", 0))),
                           given("poison_labels"), given("bd_test_indices") if "bd_test_labels" in poison else None,
-                          given("bd_test_labels"))
+                          given("bd_test_labels"), cross_indices=given("cross_indices"))
         data = build_poisoned_data(dataset, trigger, plan)
     except (TypeError, ValueError, IndexError, RuntimeError) as e:
         raise UserError(f"poison.json of {path} does not describe a poisoned set of {cfg['dataset']} ({e}); it is "

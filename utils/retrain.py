@@ -15,7 +15,10 @@ from utils.errors import UserError
 from utils.seeding import fix_random, generator
 
 RECIPE_KEYS = ("epochs", "batch_size", "drop_last", "lr", "client_optimizer", "sgd_momentum", "wd", "amsgrad",
-               "lr_scheduler", "cos_t_max", "eta_min", "plateau_factor", "plateau_patience", "crop_padding", "hflip")
+               "lr_scheduler", "cos_t_max", "eta_min", "plateau_factor", "plateau_patience", "crop_padding", "hflip",
+               "steplr_milestones", "steplr_gamma")
+# keys added after records were first written: an older record lacks them, and only a MultiStepLR recipe reads them
+LATER_KEYS = {"steplr_milestones": [100, 200, 300, 400], "steplr_gamma": 0.1}
 
 
 def recipe_override_options():
@@ -23,19 +26,21 @@ def recipe_override_options():
     from utils.options import SCHEDULERS
     kinds = {"epochs": int, "batch_size": int, "drop_last": bool, "lr": float, "sgd_momentum": float, "wd": float,
              "amsgrad": bool, "cos_t_max": int, "eta_min": float, "plateau_factor": float, "plateau_patience": int,
-             "crop_padding": int, "hflip": bool}
+             "crop_padding": int, "hflip": bool, "steplr_gamma": float}
     choices = {"client_optimizer": ("sgd", "adam"), "lr_scheduler": SCHEDULERS}
+    from utils.options import milestones
+    kinds["steplr_milestones"] = milestones
     return [Opt(k, kinds.get(k, str), None, f"retraining {k.replace('_', ' ')} (default: the attack's)",
                 choices=choices.get(k)) for k in RECIPE_KEYS]
 
 
 def attack_recipe(record, overrides=None) -> dict:
     """The attack's training recipe (RECIPE_KEYS of its config), with `overrides` applied where not None."""
-    missing = [k for k in RECIPE_KEYS if k not in record.config]
+    missing = [k for k in RECIPE_KEYS if k not in record.config and k not in LATER_KEYS]
     if missing:
         raise UserError(f"the attack record at {record.path} lacks the training settings {', '.join(missing)} in "
                         "config.yaml; it is damaged or too old: make it again")
-    recipe = {k: record.config[k] for k in RECIPE_KEYS}
+    recipe = {k: record.config.get(k, LATER_KEYS.get(k)) for k in RECIPE_KEYS}
     recipe.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return recipe
 

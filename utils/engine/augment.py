@@ -52,8 +52,9 @@ def uniform(gen, n, device):
     return to_device(torch.rand(n, generator=gen, device=gen.device), device)
 
 
-def rotate_by(x, angle):
-    """Rotate each image by its angle (radians, counter-clockwise) about the centre: nearest neighbour, zero fill."""
+def rotate_by(x, angle, mode="nearest"):
+    """Rotate each image by its angle (radians, counter-clockwise) about the centre: nearest neighbour (or
+    bilinear), zero fill."""
     _, _, h, w = x.shape
     cos, sin = angle.cos(), angle.sin()
     theta = torch.zeros(len(x), 2, 3, device=x.device)
@@ -61,10 +62,10 @@ def rotate_by(x, angle):
     theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
     theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def random_rotation(x, gen, p, degrees):
+def random_rotation(x, gen, p, degrees, mode="nearest"):
     """RandomRotation(+-degrees) with probability p per sample. Which samples rotate is decided on the CPU, where
     the draws are made, so the device never has to report it."""
     chosen = uniform(gen, len(x), "cpu") < p
@@ -74,5 +75,25 @@ def random_rotation(x, gen, p, degrees):
     pick = chosen.nonzero().squeeze(1)
     angle, rows = to_device(angle[pick], x.device), to_device(pick, x.device)
     x = x.clone()
-    x[rows] = rotate_by(x[rows], angle)
+    x[rows] = rotate_by(x[rows], angle, mode)
+    return x
+
+
+def random_crop_prob(x, gen, p, padding):
+    """RandomCrop(H x W, zero padding) with probability p per sample (the uncropped samples unchanged)."""
+    chosen = uniform(gen, len(x), x.device) < p
+    return torch.where(chosen[:, None, None, None], random_crop_flip(x, gen, padding), x)
+
+
+def post_tensor_transform(x, gen, padding, degrees, flip, p_crop=0.8, p_rotate=0.5):
+    """The augmentation of the WaNet release that BppAttack inherits, on the assembled float batch, poisoned
+    samples included: a random crop (zero padding) with probability p_crop, then a rotation by U(-degrees,
+    degrees), bilinear, zero fill, with probability p_rotate, then (cifar10) a horizontal flip with probability
+    0.5; every coin and parameter drawn per sample (specs wanet.md §5.5, bpp.md §5.5)."""
+    if padding > 0:
+        x = random_crop_prob(x, gen, p_crop, padding)
+    if degrees > 0:
+        x = random_rotation(x, gen, p_rotate, degrees, mode="bilinear")
+    if flip:
+        x = random_crop_flip(x, gen, 0, True)
     return x

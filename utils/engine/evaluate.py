@@ -52,6 +52,15 @@ class EvalSets:
         self.x_test, self.y_test = data.x_test.to(device), data.y_test.to(device)
         self.x_bd, self.y_bd = data.x_bd_test.to(device), data.y_bd_test.to(device)
         self.y_bd_true = data.y_bd_test_true.to(device)
+        cross = getattr(data, "x_cross_test", None)   # every test image through the trigger's cross transform
+        self.x_cross = cross.to(device) if cross is not None else None
+
+
+def cross_accuracy(model, sets: EvalSets, precision: Precision, batch_size=1024) -> dict:
+    """Accuracy against the true labels on the cross test set (WaNet's noise, BppAttack's negatives, Input-Aware's
+    cross-trigger images): a model that reacts to the transform itself, not to the trigger, fails it."""
+    pred, loss = predict(model, sets.x_cross, precision, batch_size, labels=sets.y_test)
+    return {"test_cross_acc": accuracy(pred, sets.y_test), "cross_test_loss": loss}
 
 
 BREAKDOWN = ("test_other", "test_top_wrong_class", "test_top_wrong", "bd_pred_per_class")

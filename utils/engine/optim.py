@@ -28,9 +28,12 @@ def make_scheduler(optimizer, cfg):
     if name == "ReduceLROnPlateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg["plateau_factor"],
                                                           patience=cfg["plateau_patience"])
+    if name == "MultiStepLR":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg["steplr_milestones"]),
+                                                    gamma=cfg["steplr_gamma"])
     if name == "none":
         return None
-    raise UserError(f"lr_scheduler '{name}' unknown; allowed: CosineAnnealingLR, ReduceLROnPlateau, none")
+    raise UserError(f"lr_scheduler '{name}' unknown; allowed: CosineAnnealingLR, ReduceLROnPlateau, MultiStepLR, none")
 
 
 def set_lr(optimizer, lr):
