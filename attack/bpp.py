@@ -117,7 +117,7 @@ class BppTrigger:
         out = dither(cpu, self.squeeze_num) if self.dithering else squeeze(cpu, self.squeeze_num)
         return out.to(x.device)
 
-    def cross(self, x_split, idx, pool, gen):
+    def cross(self, x_split, idx, pool, gen, train=True):
         """x_split[idx] plus the residual T(u_j) - u_j of sources j drawn from pool."""
         j = noise_sources(torch.as_tensor(pool), len(idx), gen)
         src = x_split[j]

@@ -261,7 +261,7 @@ class InputAwareTrigger:
                 return results[pos].to(x.device)   # the same images: the same canonical result
         return self.canonical(x, x)[0].to(x.device)
 
-    def cross(self, x_split, idx, pool, gen):
+    def cross(self, x_split, idx, pool, gen, train=True):
         if self.provisional:
             return x_split[idx].clone()
         partner, whole = partners(idx, pool, gen)

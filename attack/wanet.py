@@ -115,7 +115,7 @@ class WarpTrigger:
             raise TypeError("triggers act on uint8 images")
         return warp_uint8(x, lambda n: self.grid.expand(n, -1, -1, -1)).to(x.device)
 
-    def cross(self, x_split, idx, pool, gen):
+    def cross(self, x_split, idx, pool, gen, train=True):
         """x_split[idx], each through its own noise grid drawn from gen (the partners' pool plays no part)."""
         h = self.grid.shape[0]
         return warp_uint8(x_split[idx], lambda n: noisy_grid(self.grid, jitter(n, h, gen))).to(x_split.device)

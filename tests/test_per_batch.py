@@ -27,7 +27,7 @@ class BrightPatch(PatchTrigger):
     """The patch, plus a cross transform: +gen-drawn brightness (uint8, saturating)."""
     kind: ClassVar[str] = "test_bright_patch"
 
-    def cross(self, x_split, idx, pool, gen):
+    def cross(self, x_split, idx, pool, gen, train=True):
         add = torch.randint(1, 40, (len(idx), 1, 1, 1), generator=gen)
         return (x_split[idx].to(torch.int32) + add).clamp(0, 255).to(torch.uint8)
 

@@ -169,11 +169,12 @@ def build_poisoned_data(dataset, trigger, plan: PoisonPlan) -> PoisonedData:
     keep[plan.reserve_indices] = False
     cross = plan.cross_indices if plan.cross_indices is not None else torch.empty(0, dtype=torch.int64)
     if len(cross):   # images altered, labels kept; the partners or sources come from the attacker's pool
-        x_p[cross] = trigger.cross(x, cross, torch.arange(len(y))[keep], generator(plan.seed, "trigger_cross_train"))
+        x_p[cross] = trigger.cross(x, cross, torch.arange(len(y))[keep], generator(plan.seed, "trigger_cross_train"),
+                                   train=True)
     x_cross_test = None
     if hasattr(trigger, "cross"):
         every = torch.arange(len(dataset.y_test))
-        x_cross_test = trigger.cross(dataset.x_test, every, every, generator(plan.seed, "trigger_cross_test"))
+        x_cross_test = trigger.cross(dataset.x_test, every, every, generator(plan.seed, "trigger_cross_test"), train=False)
     # all2one: every non-target test sample; all2all: every test sample (BackdoorBench uses pratio 1 there)
     bd_idx = (plan.bd_test_indices if plan.bd_test_indices is not None
               else torch.nonzero(dataset.y_test != plan.target).flatten() if plan.label_trans == "all2one"

@@ -103,6 +103,11 @@ def read_pattern_png(path) -> torch.Tensor:
 #     tensors() -> {name: tensor}            its state (patterns, warp grids, a small network's weights), saved to
 #                                            trigger.safetensors: tensors only, never a pickled object
 #     from_record(spec, tensors) (classmethod) rebuilds it bit for bit
+# and, for an attack with cross samples (true label kept, image altered: WaNet's noise warps, BppAttack's negatives,
+# Input-Aware's cross triggers, the adaptive attacks' regularisation samples),
+#     cross(x_split, idx, pool, gen, train) -> x'   x_split: the whole clean split (uint8); the images of idx
+#                                            through the cross transform; pool: the indices partners or sources
+#                                            may come from; train: the training split or the test split
 # and registers its class with @register_trigger. Static patterns live here; an attack whose trigger is its own
 # (a warp, a generator network) declares the class in its own file.
 
