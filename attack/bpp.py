@@ -24,7 +24,8 @@ from utils.engine.augment import post_tensor_transform, to_unit
 from utils.engine.device import to_device
 from utils.engine.loop import GeneratorState
 from utils.errors import UserError, run_main
-from utils.per_batch import PerBatch, batch_count, check_last_epoch, per_batch_epoch, per_batch_state, plan_per_batch
+from utils.per_batch import PerBatch, batch_count, check_last_epoch, per_batch_epoch, per_batch_state, plan_per_batch, \
+    refuse_p_num
 from utils.poison import attack_labels
 from utils.registry import register
 from utils.seeding import generator
@@ -216,8 +217,7 @@ def configure(argv=None):
     if cfg["pratio"] + cfg["neg_ratio"] > 1:
         raise UserError(f"pratio {cfg['pratio']} + neg_ratio {cfg['neg_ratio']} exceeds 1: a batch cannot hold more "
                         "poisoned and noise samples than samples; lower one of them")
-    if cfg["p_num"]:
-        raise UserError("BppAttack poisons a fraction of every batch: p_num does not apply; set --pratio")
+    refuse_p_num(cfg, "BppAttack")
     if cfg["bpp_augment"] == "original":   # the crop that runs has padding random_crop: config.yaml says so
         cfg["crop_padding"] = cfg["random_crop"]
     trigger = BppTrigger(cfg["squeeze_num"], cfg["dithering"])

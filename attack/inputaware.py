@@ -32,7 +32,7 @@ from utils.engine.optim import fused
 from utils.errors import UserError, run_main
 from utils.options import milestones
 from utils.per_batch import CROSS, POISONED, PerBatch, batch_count, check_last_epoch, per_batch_epoch, \
-    per_batch_state, plan_per_batch
+    per_batch_state, plan_per_batch, refuse_p_num
 from utils.poison import attack_labels
 from utils.registry import register
 from utils.seeding import derive_seed, generator
@@ -463,6 +463,7 @@ def configure(argv=None):
     by_size = dict(zip(("gen_channels", "gen_steps"), (32, 3) if min(shape[1:]) >= 32 else (16, 2)))
     cfg.update({k: v for k, v in by_size.items() if cfg[k] is None})
     check_steps(shape, cfg["gen_steps"])
+    refuse_p_num(cfg, "Input-Aware")
     if cfg["epochs"] <= cfg["clean_train_epochs"]:
         raise UserError(f"epochs {cfg['epochs']} leaves no classifier epoch after clean_train_epochs "
                         f"{cfg['clean_train_epochs']} (epochs counts both phases); raise epochs")

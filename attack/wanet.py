@@ -22,7 +22,8 @@ from utils.engine.augment import post_tensor_transform, to_unit
 from utils.engine.device import to_device
 from utils.engine.loop import GeneratorState
 from utils.errors import UserError, run_main
-from utils.per_batch import PerBatch, batch_count, check_last_epoch, per_batch_epoch, per_batch_state, plan_per_batch
+from utils.per_batch import PerBatch, batch_count, check_last_epoch, per_batch_epoch, per_batch_state, plan_per_batch, \
+    refuse_p_num
 from utils.poison import attack_labels, tensor_sha256
 from utils.registry import register
 from utils.seeding import generator
@@ -214,8 +215,7 @@ def wanet_training(cfg, trigger, rule):
 def check_options(cfg):
     """Spec §5.4's config-time checks that the options' ranges cannot express."""
     rho, r, b = cfg["pratio"], cfg["cross_ratio"], cfg["batch_size"]
-    if cfg["p_num"]:
-        raise UserError("WaNet poisons a fraction of every batch: p_num does not apply; set --pratio")
+    refuse_p_num(cfg, "WaNet")
     if rho * (1 + r) > 1:
         raise UserError(f"pratio {rho} with cross_ratio {r} asks for {rho * (1 + r):.4g} of every batch (poisoned plus "
                         "noise samples); pratio * (1 + cross_ratio) must be at most 1")

@@ -59,11 +59,16 @@ def last_epoch_positions(n: int, batch_size: int, drop_last: bool, seed: int, pe
     return torch.cat(bd).sort().values, torch.cat(cross).sort().values
 
 
+def refuse_p_num(cfg, attack="this attack"):
+    """A per-batch attack has no fixed number of poisoned samples: --p_num is refused (at configure time too)."""
+    if cfg.get("p_num"):
+        raise UserError(f"{attack} poisons a fraction of every batch: p_num does not apply; set --pratio")
+
+
 def plan_per_batch(y_train, num_classes, cfg, per_batch: PerBatch) -> PoisonPlan:
     """The record's poison plan for a per-batch attack: the reserve as every attack draws it, the poisoned and
     cross training indices of the last epoch (module docstring)."""
-    if cfg.get("p_num"):
-        raise UserError("this attack poisons a fraction of every batch: p_num does not apply; set --pratio")
+    refuse_p_num(cfg)
     reserve, pool = draw_reserve(y_train, num_classes, cfg["reserve_ratio"], cfg["reserve_rule"], cfg["random_seed"])
     bd, cross = last_epoch_positions(len(pool), cfg["batch_size"], cfg["drop_last"], cfg["random_seed"], per_batch)
     if len(bd) == 0:
