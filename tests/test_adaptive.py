@@ -10,7 +10,7 @@ import torch
 
 from attack import adaptive_blend as ab
 from attack import adaptive_patch as ap
-from tests.conftest import make_record
+from tests.conftest import killed_after_checkpoint, make_record
 from utils.adaptive_triggers import counts, plan_adaptive
 from utils.errors import UserError
 from utils.poison import build_poisoned_data, defender_clean_subset, plan_poison
@@ -357,3 +357,17 @@ def test_patch_record_rebuilds_and_its_assignment(tmp_path, fake_root):
     with pytest.raises(UserError, match="rank-block"):
         ap.AdaptivePatchTrigger.from_record(spec, bad)
     assert trigger_file_bytes(t) == (path / "trigger.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("attack", ["adaptive_blend", "adaptive_patch"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, fake_root, attack):
+    extra = ["--epochs", "2", "--pratio", "0.05", "--cover_rate", "0.05", "--amp", "false", "--channels_last", "false"]
+    whole = make_record(tmp_path / "whole", fake_root, attack, extra=extra)
+    with killed_after_checkpoint(lambda phase, epoch: epoch == 1):
+        make_record(tmp_path / "cut", fake_root, attack, extra=extra)
+    resumed = make_record(tmp_path / "cut", fake_root, attack, extra=extra + ["--resume"])
+    for k in ("test_acc", "test_asr", "test_ra", "test_cross_acc"):
+        assert whole[k] == resumed[k]
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

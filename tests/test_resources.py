@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import killed_after_checkpoint, synthetic_images, write_mnist_like
+from tests.conftest import killed_after_checkpoint, synthetic_images, write_mnist_like
 from utils.attack import attack_config
 from utils.clean_model import clean_model
 from utils.data import load_dataset
