@@ -19,15 +19,15 @@ from typing import ClassVar
 import torch
 
 from utils.adaptive_triggers import QUANTISATION, cover_options, cover_test_asr, fl32, insert, \
-    plan_adaptive, refuse_all2all
+    plan_adaptive, recipe_deviations, refuse_all2all
 from utils.attack import Training, attack_config, run_attack
 from utils.config import Opt, in_range
-from utils.data import dataset_info
 from utils.errors import UserError, run_main
 from utils.registry import register
 from utils.seeding import generator
 from utils.poison import tensor_sha256
-from utils.triggers import blend_noise_pattern, file_sha256, load_image_pattern, register_trigger
+from utils.trigger_options import blend_pattern
+from utils.triggers import register_trigger
 
 OPTIONS = [
     *cover_options(0.003),
@@ -137,14 +137,7 @@ class AdaptiveBlendTrigger:
 
 
 def make_trigger(cfg):
-    shape = dataset_info(cfg["dataset"]).shape
-    if cfg["attack_trigger_img_path"]:
-        pattern = load_image_pattern(cfg["attack_trigger_img_path"], shape)
-        meta = {"source": "file", "file": cfg["attack_trigger_img_path"],
-                "file_sha256": file_sha256(cfg["attack_trigger_img_path"])}
-    else:
-        pattern = blend_noise_pattern(shape, cfg["blend_pattern_seed"])
-        meta = {"source": "noise", "blend_pattern_seed": cfg["blend_pattern_seed"]}
+    pattern, meta = blend_pattern(cfg)
     trigger = AdaptiveBlendTrigger(pattern, cfg["alpha"], cfg["test_alpha"], cfg["pieces"], cfg["mask_rate"],
                                    cfg["random_seed"])
     return trigger, meta
@@ -153,13 +146,6 @@ def make_trigger(cfg):
 def training(ctx):
     """The standard epoch (the attacker controls data only), plus the partial-trigger ASR of the cover test set."""
     return Training(evaluate=lambda: cover_test_asr(ctx), show=("test_cross_asr",))
-
-
-def recipe_deviations(cfg, args):
-    """The authors' gtsrb augmentation is a +-15 degree rotation, which the standard recipe cannot do (spec §3.1)."""
-    if "original_gtsrb" in str(getattr(args, "yaml_path", None) or ""):
-        return ["no random rotation of +-15 degrees (the authors' gtsrb augmentation; the standard recipe has none)"]
-    return []
 
 
 @register("adaptive_blend", "attack", paper="Qi et al., ICLR 2023", needs=("dataset",), options=OPTIONS,
@@ -175,7 +161,7 @@ def configure(argv=None):
 def main(argv=None):
     cfg, args, trigger, meta = configure(argv)
     return run_attack("adaptive_blend", cfg, args, trigger, meta, training=training,
-                      extra_config={"deviations": recipe_deviations(cfg, args)},
+                      extra_config={"deviations": recipe_deviations(args)},
                       plan=lambda y, k: plan_adaptive(y, k, cfg, meta))
 
 

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from utils.adaptive_triggers import QUANTISATION, blend_step, cover_options, cover_test_asr, fl32, \
-    insert, plan_adaptive, quantise, refuse_all2all, to_unit, CHUNK
+    insert, plan_adaptive, quantise, recipe_deviations, refuse_all2all, to_unit, CHUNK
 from utils.attack import Training, attack_config, run_attack
 from utils.config import Opt, in_range
 from utils.data import dataset_info
@@ -276,12 +276,6 @@ def training(ctx, trigger):
     return Training(epoch_start=lambda _, e: epoch.update(e=e), evaluate=evaluate, show=("test_cross_asr",))
 
 
-def recipe_deviations(cfg, args):
-    if "original_gtsrb" in str(getattr(args, "yaml_path", None) or ""):
-        return ["no random rotation of +-15 degrees (the authors' gtsrb augmentation; the standard recipe has none)"]
-    return []
-
-
 @register("adaptive_patch", "attack", paper="Qi et al., ICLR 2023", needs=("dataset",), options=OPTIONS,
           summary="Adaptive-Patch: one of 4 faint patches per planted image, cover samples with true labels, patches "
                   "combined at opacity 1 at test time")
@@ -295,7 +289,7 @@ def configure(argv=None):
 def main(argv=None):
     cfg, args, trigger, meta = configure(argv)
     return run_attack("adaptive_patch", cfg, args, trigger, meta, training=lambda ctx: training(ctx, trigger),
-                      extra_config={"deviations": recipe_deviations(cfg, args)},
+                      extra_config={"deviations": recipe_deviations(args)},
                       plan=lambda y, k: make_plan(y, k, cfg, trigger, meta))
 
 

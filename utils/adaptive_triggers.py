@@ -115,3 +115,10 @@ def cover_test_asr(ctx) -> dict:
     keep = sets.y_test != t
     pred, _ = predict(ctx.model, sets.x_cross[keep], ctx.precision, ctx.cfg["eval_batch_size"])
     return {"test_cross_asr": (pred == t).float().mean().item()}
+
+
+def recipe_deviations(args) -> list:
+    """The authors' gtsrb augmentation is a +-15 degree rotation, which the standard recipe cannot do (specs §3.1)."""
+    if "original_gtsrb" in str(getattr(args, "yaml_path", None) or ""):
+        return ["no random rotation of +-15 degrees (the authors' gtsrb augmentation; the standard recipe has none)"]
+    return []

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from utils.config import REPO, Opt
 from utils.errors import UserError, os_error_message

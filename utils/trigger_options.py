@@ -49,13 +49,18 @@ def make_patch_trigger(cfg):
     return PatchTrigger(pattern), meta
 
 
-def make_blend_trigger(cfg):
+def blend_pattern(cfg):
+    """(uint8 pattern, meta): the image file of attack_trigger_img_path, or the seeded noise of blend_pattern_seed
+    (Blended, Bypass's blend trigger, Adaptive-Blend)."""
     shape = dataset_info(cfg["dataset"]).shape
     if cfg["attack_trigger_img_path"]:
-        pattern = load_image_pattern(cfg["attack_trigger_img_path"], shape)
-        meta = {"source": "file", "file": cfg["attack_trigger_img_path"],
-                "file_sha256": file_sha256(cfg["attack_trigger_img_path"])}
-    else:
-        pattern = blend_noise_pattern(shape, cfg["blend_pattern_seed"])
-        meta = {"source": "noise", "blend_pattern_seed": cfg["blend_pattern_seed"]}
+        return load_image_pattern(cfg["attack_trigger_img_path"], shape), {
+            "source": "file", "file": cfg["attack_trigger_img_path"],
+            "file_sha256": file_sha256(cfg["attack_trigger_img_path"])}
+    return blend_noise_pattern(shape, cfg["blend_pattern_seed"]), {"source": "noise",
+                                                                   "blend_pattern_seed": cfg["blend_pattern_seed"]}
+
+
+def make_blend_trigger(cfg):
+    pattern, meta = blend_pattern(cfg)
     return BlendTrigger(pattern, cfg["attack_train_blended_alpha"], cfg["attack_test_blended_alpha"]), meta
