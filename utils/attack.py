@@ -201,10 +201,12 @@ def data_hflip(cfg):
 
 
 def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, training=None, extra_config=None,
-               clean_label=False, plan=None):
+               clean_label=False, plan=None, files=None, notes=(), summary=None):
     """Poison, train, evaluate every epoch, and write the record. training(ctx) -> Training, for attacks whose
     training differs from the standard epoch; clean_label: poison target-class samples only, labels kept;
-    plan: see prepare_data."""
+    plan: see prepare_data; files: {name: bytes or text} written into the record with the trigger (figures of
+    how the trigger was made); notes: lines printed once the record's log is open (how its resources were made);
+    summary: extra entries of summary.json (the attack's own figures)."""
     path = record_path(cfg["save_folder_name"])
     t0 = time.time()
     dataset, plan, data = prepare_data(cfg, trigger, clean_label, plan)
@@ -214,6 +216,8 @@ def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, traini
               deviations=augmentation_deviations(cfg) + extra.pop("deviations", []))
     try:
         print(f"{attack}: resolved configuration\n{format_config(cfg)}")
+        for line in notes:
+            print(line)
         info = dataset.info
         fix_random(cfg["random_seed"])   # the initial weights
         model = build_model(cfg["model"], info.num_classes, info.shape[0], info.mean, info.std, cfg["model_width"])
@@ -224,6 +228,8 @@ def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, traini
               f"{len(plan.reserve_indices)} reserved), {len(data.y_test)} clean and {len(data.y_bd_test)} poisoned test "
               f"samples; ready in {time.time() - t0:.1f}s; device {device}, {precision.description}")
         write_trigger(run, attack, cfg, trigger, trigger_meta, plan, data)
+        for name, content in (files or {}).items():
+            run.write_file(name, content)
         ctx = attack_context(cfg, model, precision, data, device)
         t = training(ctx) if training else Training()
         rows = fit(run, [*t.phases_before, attack_phase(ctx, t)], {
@@ -236,7 +242,7 @@ def run_attack(attack: str, cfg: dict, args, trigger, trigger_meta: dict, traini
             write_trigger(run, attack, cfg, trigger, trigger_meta, plan, data)
             ctx.data, ctx.eval_sets = data, EvalSets(data, device)
             final = evaluate_attack(ctx, t, refresh=False)
-        return finish_attack(run, attack, cfg, info, model, rows, t, final)
+        return finish_attack(run, attack, cfg, info, model, rows, t, final, summary or {})
     finally:
         run.close()
 
@@ -265,7 +271,7 @@ def attack_phase(ctx, t: Training) -> Phase:
                  eval_every=cfg["eval_every"], show=show)
 
 
-def finish_attack(run, attack, cfg, info, model, rows, t: Training, final=None):
+def finish_attack(run, attack, cfg, info, model, rows, t: Training, final=None, own=None):
     payload = model_payload(model, cfg["model"], info.shape, cfg["model_width"], info.name)
     payload.update(t.payload() if t.payload is not None else {})
     run.save_model(payload)
@@ -276,7 +282,7 @@ def finish_attack(run, attack, cfg, info, model, rows, t: Training, final=None):
         extra.update({f"{k}_during_training": rows[-1].get(k) for k in ("test_acc", "test_asr", "test_ra")})
     summary = run.finish({"attack": attack, "dataset": info.name, "model": cfg["model"], "pratio": cfg["pratio"],
                           "test_acc": last["test_acc"], "test_asr": last["test_asr"], "test_ra": last["test_ra"],
-                          **extra, **breakdown_summary(last),
+                          **extra, **breakdown_summary(last), **(own or {}),
                           "epochs": cfg["epochs"], "train_seconds": round(sum(r["seconds"] for r in rows), 2)})
     print(f"\n{attack} done in {summary['seconds']:.1f}s: ACC {summary['test_acc']:.4f}  ASR {summary['test_asr']:.4f}"
           f"  RA {summary['test_ra']:.4f}  {breakdown_line(last)}\nrecord: {run.path}")

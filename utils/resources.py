@@ -77,6 +77,17 @@ def canonical(obj):
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
+def flat(d: dict, prefix="") -> dict:
+    """Nested identity entries as dotted keys (params.eps), so a refusal names the one setting that differs."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 @dataclass
 class Resource:
     path: Path
@@ -123,15 +134,13 @@ def check(path: Path, identity: dict) -> dict:
         raise UserError(f"{meta_file} is damaged ({type(e).__name__}); {ways}") from None
     if meta.get("complete") is not True:
         raise UserError(f"the resource {path} is incomplete ({RESOURCE_FILE} does not say complete); {ways}")
-    wanted = canonical(identity)
+    wanted, found = flat(canonical(identity)), flat(found)
     differ = sorted(k for k in set(wanted) | set(found) if wanted.get(k) != found.get(k))
     if differ:
-        def show(v):
-            s = json.dumps(v, sort_keys=True)
-            return s if len(s) <= 80 else s[:77] + "..."
-        what = "; ".join(f"{k}: wanted {show(wanted.get(k))}, found {show(found.get(k))}" for k in differ)
-        kind = ("made for another dataset or other training data" if any(k.startswith(("dataset", "train_", "n_train",
-                "shape")) for k in differ) else "stale: a resource it was built from changed" if
+        what = "; ".join(f"{k}: wanted {json.dumps(wanted.get(k))}, found {json.dumps(found.get(k))}" for k in differ[:6])
+        what += f"; and {len(differ) - 6} more" if len(differ) > 6 else ""
+        kind = ("made for another dataset or other training data" if any(k.startswith(("dataset", "train_", "test_",
+                "n_train", "shape")) for k in differ) else "stale: a resource it was built from changed" if
                 any(k.startswith("upstream") for k in differ) else "made with other settings")
         raise UserError(f"the resource {path} was {kind} ({what}); {ways}")
     for name, digest in files.items():

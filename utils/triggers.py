@@ -252,7 +252,8 @@ class StoredTrigger:
 
 def trigger_file_bytes(trigger) -> bytes:
     from safetensors.torch import save
-    return save({k: v.contiguous().cpu() for k, v in trigger.tensors().items()})
+    # a copy of each: safetensors refuses tensors that share memory (one pattern for training and test)
+    return save({k: v.detach().cpu().clone().contiguous() for k, v in trigger.tensors().items()})
 
 
 def trigger_from_record(spec: dict, tensor_bytes: bytes, where):
