@@ -70,7 +70,9 @@ def test_refused_when_incomplete_or_damaged(tmp_path):
 
 def test_rebuild_moves_the_old_folder_aside(tmp_path):
     obtain(tmp_path, "toy_a", identity(), toy_build(1.0))
-    r = obtain(tmp_path, "toy_a", identity(params={"a": 2}), toy_build(2.0), rebuild=True)
+    kept = obtain(tmp_path, "toy_a", identity(), toy_build(3.0), rebuild=["other_kind"])   # another kind: reused
+    assert not kept.built
+    r = obtain(tmp_path, "toy_a", identity(params={"a": 2}), toy_build(2.0), rebuild=["toy"])
     assert r.built and torch.equal(r.tensors()["v"], torch.full((3,), 2.0))
     old = [p for p in tmp_path.iterdir() if p.name.startswith("toy_a.old-")]
     assert len(old) == 1 and json.loads((old[0] / "resource.json").read_text())["identity"]["params"] == {"a": 1}
@@ -152,3 +154,11 @@ def test_clean_model_reproducible_reused_refused_and_resumable(small_root, tmp_p
     m5, r5 = clean_model(clean_cfg(small_root, tmp_path / "c"), ds, resume=True)
     assert r5.built and r5.meta.get("resumed") is True
     assert all(torch.equal(a, b) for a, b in zip(weights(m1).values(), weights(m5).values()))
+
+
+def test_rebuild_option_reads_booleans_and_kinds():
+    from utils.resources import rebuild_choice
+    assert rebuild_choice("true") is True and rebuild_choice(False) is False
+    assert rebuild_choice("lc_pgd,clean_model") == ["clean_model", "lc_pgd"] and rebuild_choice(["lf"]) == ["lf"]
+    with pytest.raises(ValueError):
+        rebuild_choice("lc-pgd;rm")

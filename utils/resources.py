@@ -43,10 +43,22 @@ def resource_options():
     return [
         Opt("resource_seed", int, None, "seed of the resources the attack builds (clean model, pattern, ...; default: "
             "random_seed)"),
-        Opt("resource_rebuild", bool, False, "build the attack's resources anew; the existing folders are moved aside "
-            "as <name>.old-<UTC time>"),
+        Opt("resource_rebuild", rebuild_choice, False, "build resources anew, the existing folders moved aside as "
+            "<name>.old-<UTC time>: true (every resource of the run) or kinds, e.g. lc_pgd or lf,clean_model"),
         Opt("resource_root", str, "record/resources", "folder of the resources (relative: to the repository)"),
     ]
+
+
+def rebuild_choice(v):
+    """true / false, or the kinds to rebuild (a YAML list, or 'lc_pgd,clean_model' on the command line)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return v.lower() in ("true", "1", "yes")
+    kinds = v.replace(",", " ").split() if isinstance(v, str) else list(v)
+    if not kinds or not all(isinstance(k, str) and k.replace("_", "").isalnum() for k in kinds):
+        raise ValueError("expected true, false or resource kinds, e.g. lc_pgd or lf,clean_model")
+    return sorted(kinds)
 
 
 def resource_seed(cfg) -> int:
@@ -120,8 +132,8 @@ def save_tensors(folder: Path, tensors: dict):
 def check(path: Path, identity: dict) -> dict:
     """resource.json of a complete resource whose identity is `identity` and whose files match their digests; else
     one UserError saying what is wrong and the ways out."""
-    ways = ("pass another --resource_seed, or --resource_rebuild to build it anew (the folder is moved aside), or "
-            "--resource_root for another folder of resources")
+    ways = (f"pass another --resource_seed, or --resource_rebuild {identity.get('kind')} to build it anew (the folder "
+            "is moved aside), or --resource_root for another folder of resources")
     meta_file = path / RESOURCE_FILE
     if not meta_file.exists():
         raise UserError(f"the resource {path} is incomplete (no {RESOURCE_FILE}: a build that did not finish, or a "
@@ -172,12 +184,14 @@ def obtain(root: Path, name: str, identity: dict, build: Callable[[Path, bool], 
            resume=False, resumable=False) -> Resource:
     """The resource `name` under root with this identity: reused when it is there and complete, built by
     build(folder, resume) -> extra entries of resource.json (figures such as a clean model's accuracy) when it is
-    not; refused (UserError) when it is there but incomplete, damaged or made for something else. build writes its
+    not; refused (UserError) when it is there but incomplete, damaged or made for something else (rebuild: true, or
+    a list of kinds holding this one: moved aside and built anew). build writes its
     files into `folder`; every file it leaves there is listed with its digest. resumable: build continues an
     interrupted build in `folder` when resume is true (it makes the folder itself); otherwise an interrupted build is
     started again in a fresh folder."""
     path = root / name
     partial = root / f".{name}.partial"
+    rebuild = rebuild is True or (not isinstance(rebuild, bool) and identity.get("kind") in rebuild)
     try:
         with build_lock(root, name):
             if path.exists() and rebuild:
