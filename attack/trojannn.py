@@ -12,7 +12,6 @@ Two resources (utils/resources.py), found and reused when they exist: the clean 
 trigger `trojannn_trigger_<dataset>_<model>_s<seed>` (the neurons, the optimised image, its pattern P and mask K).
 The record holds P and K, so the resource folders may be deleted afterwards.
 """
-import io
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from utils.engine.device import pick_device
 from utils.engine.epoch import progress
 from utils.errors import UserError, run_main
 from utils.io import atomic_write_bytes
-from utils.plots import plt   # matplotlib.pyplot with the Agg backend
+from utils.plots import _png, plt
 from utils.poison import tensor_sha256
 from utils.registry import register
 from utils.resources import data_identity, obtain, resource_options, resource_root, resource_seed, save_tensors
@@ -313,7 +312,7 @@ def trigger_picture(m, x_star, pattern) -> bytes:
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    return figure_bytes(fig)
+    return _png(fig)
 
 
 def cost_picture(cost) -> bytes:
@@ -323,14 +322,7 @@ def cost_picture(cost) -> bytes:
     ax.set_ylabel("cost")
     ax.grid(alpha=0.3)
     ax.set_title("trojannn trigger: neuron cost", fontsize=10)
-    return figure_bytes(fig)
-
-
-def figure_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 # --- configure and main --------------------------------------------------------------------------------------------
