@@ -153,6 +153,8 @@ def collect(root) -> pd.DataFrame:
         folder = path.parent
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue   # a record kept aside while --overwrite replaces it
+        if (folder / "resource.json").exists():
+            continue   # a resource (record/resources/: a clean model, a surrogate), not an attack or a defense
         try:
             row = _row(root, folder, read_json(path, "record file"))
         except UserError as e:
