@@ -193,7 +193,7 @@ def test_adversarial_training_step_by_hand():
 @pytest.fixture(scope="module")
 def second_build(lc_run, tmp_path_factory, monkeypatch_module):
     """The same resources built again from the same seed in another root, counting the robust model's passes."""
-    import utils.robust_model as rm
+    import utils.clean_model as rm   # the robust model is built by the shared start_training
     passes = []
     original = rm.build_model
 

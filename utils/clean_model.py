@@ -8,6 +8,10 @@ own command line: an attack run with --epochs 3 still finds the clean model ever
 training run of the toolkit (config.yaml, log.txt, metrics.csv, curves.png, model.pt) and resumes from its
 checkpoint with --resume, like an attack.
 """
+from dataclasses import dataclass
+
+import torch
+
 from models import build_model
 from utils.attack import ATTACK_OPTIONS, data_hflip
 from utils.config import CONFIG_DIR, read_yaml
@@ -45,23 +49,47 @@ def clean_identity(rc: dict, dataset) -> dict:
             "recipe": {k: rc[k] for k in RECIPE_KEYS}, "seed": rc["random_seed"]}
 
 
+@dataclass
+class Training:
+    """A fresh model of the recipe on the device, with its optimiser, schedule, generators and the split's tensors:
+    what the clean and the robust model's training share."""
+    model: torch.nn.Module
+    device: torch.device
+    precision: object
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    optimizer: object
+    scheduler: object
+    shuffle_gen: torch.Generator
+    aug_gen: torch.Generator
+    hflip: bool
+
+
+def start_training(run, rc: dict, dataset) -> Training:
+    info, seed = dataset.info, rc["random_seed"]
+    fix_random(seed)   # the initial weights
+    model = build_model(rc["model"], info.num_classes, info.shape[0], info.mean, info.std, rc["model_width"])
+    device = pick_device(rc["device"])
+    precision = start_engine(run, rc, device, model, f"{rc['model']} width {rc['model_width']}", info.shape,
+                             rc["batch_size"])
+    model = precision.prepare_model(model)
+    optimizer = make_optimizer(model.parameters(), rc)
+    return Training(model, device, precision, dataset.x_train.to(device), dataset.y_train.to(device),
+                    dataset.x_test.to(device), dataset.y_test.to(device), optimizer, make_scheduler(optimizer, rc),
+                    generator(seed, "shuffle"), generator(seed, "augmentation"), data_hflip(rc))
+
+
 def train_clean_model(folder, rc: dict, dataset, resume: bool) -> dict:
     """Standard supervised training on the clean split into `folder` (a Run); returns the entries of resource.json."""
     run = Run(folder, "clean_model", rc, resume=resume)
     try:
-        info, seed = dataset.info, rc["random_seed"]
-        fix_random(seed)   # the initial weights
-        model = build_model(rc["model"], info.num_classes, info.shape[0], info.mean, info.std, rc["model_width"])
-        device = pick_device(rc["device"])
-        precision = start_engine(run, rc, device, model, f"{rc['model']} width {rc['model_width']}", info.shape,
-                                 rc["batch_size"])
-        model = precision.prepare_model(model)
-        x, y = dataset.x_train.to(device), dataset.y_train.to(device)
-        x_test, y_test = dataset.x_test.to(device), dataset.y_test.to(device)
-        optimizer = make_optimizer(model.parameters(), rc)
-        scheduler = make_scheduler(optimizer, rc)
-        shuffle_gen, aug_gen = generator(seed, "shuffle"), generator(seed, "augmentation")
-        hflip = data_hflip(rc)
+        info = dataset.info
+        t = start_training(run, rc, dataset)
+        model, device, precision, x, y, x_test, y_test, optimizer, scheduler, shuffle_gen, aug_gen, hflip = (
+            t.model, t.device, t.precision, t.x, t.y, t.x_test, t.y_test, t.optimizer, t.scheduler, t.shuffle_gen,
+            t.aug_gen, t.hflip)
 
         def epoch(e):
             lr = optimizer.param_groups[0]["lr"]

@@ -18,21 +18,18 @@ resumes from its checkpoint with --resume.
 import torch
 import torch.nn.functional as F
 
-from models import build_model
-from utils.attack import data_hflip
-from utils.clean_model import RECIPE_KEYS, clean_recipe
+from utils.clean_model import RECIPE_KEYS, clean_recipe, start_training
 from utils.engine.augment import random_crop_flip, to_unit
-from utils.engine.device import pick_device, to_device
+from utils.engine.device import to_device
 from utils.engine.epoch import train_epoch_supervised
 from utils.engine.evaluate import eval_mode, predict
 from utils.engine.loop import GeneratorState, Phase, fit
-from utils.engine.optim import make_optimizer, make_scheduler, scheduler_step
-from utils.engine.setup import start_engine
+from utils.engine.optim import scheduler_step
 from utils.model_file import load_model_file, model_payload
 from utils.plots import curves_figure
 from utils.resources import data_identity, obtain, resource_root
 from utils.run_folder import Run
-from utils.seeding import fix_random, generator
+from utils.seeding import generator
 
 ROBUST_EVAL_N = 1000      # test images of the robust accuracy (§5.1)
 ROBUST_EVAL_STEPS = 10
@@ -96,19 +93,11 @@ def train_robust_model(folder, rc: dict, dataset, resume: bool) -> dict:
     try:
         info, seed = dataset.info, rc["random_seed"]
         eps, alpha, steps = rc["adv_train_eps"] / 255, rc["adv_train_alpha"] / 255, rc["adv_train_steps"]
-        fix_random(seed)   # the initial weights
-        model = build_model(rc["model"], info.num_classes, info.shape[0], info.mean, info.std, rc["model_width"])
-        device = pick_device(rc["device"])
-        precision = start_engine(run, rc, device, model, f"{rc['model']} width {rc['model_width']}", info.shape,
-                                 rc["batch_size"])
-        model = precision.prepare_model(model)
-        x, y = dataset.x_train.to(device), dataset.y_train.to(device)
-        x_test, y_test = dataset.x_test.to(device), dataset.y_test.to(device)
-        optimizer = make_optimizer(model.parameters(), rc)
-        scheduler = make_scheduler(optimizer, rc)
-        shuffle_gen, aug_gen = generator(seed, "shuffle"), generator(seed, "augmentation")
+        t = start_training(run, rc, dataset)
+        model, device, precision, x, y, x_test, y_test, optimizer, scheduler, shuffle_gen, aug_gen, hflip = (
+            t.model, t.device, t.precision, t.x, t.y, t.x_test, t.y_test, t.optimizer, t.scheduler, t.shuffle_gen,
+            t.aug_gen, t.hflip)
         pgd_gen = generator(seed, "robust_model_pgd")
-        hflip = data_hflip(rc)
         print(f"robust model: PGD adversarial training, eps {rc['adv_train_eps']}/255, alpha {rc['adv_train_alpha']}/255,"
               f" {steps} steps, random start; {rc['epochs']} epochs")
 
