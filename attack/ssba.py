@@ -34,7 +34,7 @@ from utils.registry import register
 from utils.resources import (data_identity, file_digest, obtain, resource_options, resource_root, resource_seed,
                              save_tensors)
 from utils.seeding import set_determinism
-from utils.stegastamp import (BCH_T, CURVE, StegaStampEncoder, TrainSettings, bit_figures, canonical_encode,
+from utils.stegastamp import (BCH_T, CURVE, INITS, StegaStampEncoder, TrainSettings, bit_figures, canonical_encode,
                               evaluate_stegastamp, fingerprint, float64_encoder, make_networks, padded_size, stealth,
                               train_stegastamp)
 from utils.triggers import pattern_png_bytes, register_trigger
@@ -44,6 +44,10 @@ OPTIONS = [
         "for 50)"),
     Opt("ssba_fingerprint_length", int, 100, "L, bits per string (BCH t 5 for 100, t 2 for 50)", choices=(50, 100)),
     Opt("ssba_width", int, 32, "base channels of the encoder (w..8w) and decoder (w..4w)", check=in_range(1)),
+    Opt("ssba_decoder_width", int, None, "base channels of the decoder when not ssba_width (its last layer has 4x "
+        "as many features for the L bits)", check=in_range(1)),
+    Opt("ssba_init", str, "pytorch", "initialisation of the pair: pytorch (BackdoorBench's port) or stegastamp (the "
+        "TF original: He-normal encoder, Glorot decoder, zero biases)", choices=INITS),
     Opt("ssba_use_residual", bool, False, "the encoder outputs a residual added to the image (false: the image, "
         "through a sigmoid, BackdoorBench's default)"),
     Opt("ssba_num_epochs", int, 20, "encoder training: passes over the training split", check=in_range(1)),
@@ -65,8 +69,8 @@ OPTIONS = [
 ]
 CHUNK = 256
 # docs/specs/ssba.md §3: the project's proposal for the 28 x 28 sets (config/attack/ssba/<dataset>.yaml)
-PROPOSAL = {"ssba_width": 8, "ssba_num_steps": 2500, "ssba_lr": 1e-3, "ssba_l2_loss_await": 250,
-            "ssba_l2_loss_ramp": 750}
+PROPOSAL = {"ssba_width": 8, "ssba_decoder_width": 32, "ssba_init": "stegastamp", "ssba_num_steps": 3000,
+            "ssba_l2_loss_await": 250, "ssba_l2_loss_ramp": 750}
 SPEC = {"fashion_mnist": PROPOSAL, "mnist": PROPOSAL}
 
 
@@ -173,14 +177,20 @@ class SSBATrigger:
 # --- the resource: the trained encoder/decoder (spec §5.4, §5.5) -------------------------------------------
 
 def encoder_settings(cfg) -> TrainSettings:
-    return TrainSettings(cfg["ssba_fingerprint_length"], cfg["ssba_width"], cfg["ssba_use_residual"],
+    return TrainSettings(cfg["ssba_fingerprint_length"], cfg["ssba_width"], decoder_width(cfg), cfg["ssba_init"],
+                         cfg["ssba_use_residual"],
                          cfg["ssba_num_epochs"], cfg["ssba_num_steps"], cfg["ssba_batch_size"], cfg["ssba_lr"],
                          cfg["ssba_l2_loss_weight"], cfg["ssba_l2_loss_await"], cfg["ssba_l2_loss_ramp"],
                          cfg["ssba_bce_loss_weight"], cfg["ssba_l2_activation_acc"])
 
 
+def decoder_width(cfg) -> int:
+    return cfg["ssba_decoder_width"] or cfg["ssba_width"]
+
+
 def resource_name(cfg) -> str:
-    return f"ssba_{cfg['dataset']}_stegastamp{cfg['ssba_width']}_s{resource_seed(cfg)}"
+    w, dw = cfg["ssba_width"], decoder_width(cfg)
+    return f"ssba_{cfg['dataset']}_stegastamp{w}{f'_dec{dw}' if dw != w else ''}_s{resource_seed(cfg)}"
 
 
 def resource_identity(cfg, dataset) -> dict:
@@ -216,7 +226,7 @@ def build_encoder(folder: Path, cfg, dataset, name) -> dict:
     set_determinism(cfg["deterministic"], device)
     channels_last = cfg["channels_last"] is not False     # auto: on (2.3x faster on a CPU, spec §3)
     start = time.strftime("%Y-%m-%d %H:%M:%S")
-    log(f"resource {name}: training the SSBA encoder/decoder (width {st.width}, L {st.length}) on the "
+    log(f"resource {name}: training the SSBA encoder/decoder (widths {st.width}/{st.decoder_width}, L {st.length}, {st.init} init) on the "
         f"{len(dataset.y_train)} training images of {dataset.info.name}, {st.steps or st.epochs} "
         f"{'steps' if st.steps else 'epochs'}, batch {st.batch_size}, lr {st.lr}, on {device} (fp32"
         f"{', channels_last' if channels_last else ''})")
@@ -270,7 +280,7 @@ def networks(res, cfg, dataset):
     """(E, D) of a resource, fp32 on the CPU, eval mode."""
     t, (c, h, _) = res.tensors(), dataset.info.shape
     E, D = make_networks(c, padded_size(h), cfg["ssba_fingerprint_length"], cfg["ssba_width"],
-                         cfg["ssba_use_residual"], 0)
+                         cfg["ssba_use_residual"], 0, decoder_width(cfg))
     for prefix, net in (("encoder.", E), ("decoder.", D)):
         net.load_state_dict({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})
     return E.eval(), D.eval()

@@ -20,8 +20,8 @@ from utils.stegastamp import (bch_ecc, bch_generator, canonical_encode, code_bit
                               secret_recovered)
 
 B_STAR_A = ("0110000100100000001000000010000000100000001000000010000010000110100100111110000101000111111000000000")
-TINY = ["--ssba_width", "2", "--ssba_fingerprint_length", "50", "--ssba_num_steps", "6", "--ssba_batch_size", "16",
-        "--ssba_lr", "1e-3", "--ssba_l2_activation_acc", "0", "--ssba_l2_loss_await", "0", "--ssba_l2_loss_ramp", "2",
+TINY = ["--ssba_width", "2", "--ssba_decoder_width", "2", "--ssba_fingerprint_length", "50", "--ssba_num_steps", "6",
+        "--ssba_batch_size", "16", "--ssba_lr", "1e-3", "--ssba_l2_activation_acc", "0", "--ssba_l2_loss_await", "0", "--ssba_l2_loss_ramp", "2",
         "--device", "cpu", "--amp", "false", "--channels_last", "false"]
 
 
@@ -83,6 +83,27 @@ def test_network_shapes_parameter_counts_and_padding():
     z = pad(x, 32)
     assert (z[..., 2:30, 2:30] == x).all() and z[..., :2, :].sum() == 0 and z[..., 30:].sum() == 0
     assert torch.equal(crop(z, 28), x)
+
+
+def test_stegastamps_initialisation_and_a_wider_decoder():
+    """init="stegastamp": He-normal encoder weights (std sqrt(2 / fan_in)), Glorot-uniform decoder weights (bound
+    sqrt(6 / (fan_in + fan_out))), zero biases; decoder_width widens only the decoder; the resource name says so."""
+    E, D = make_networks(1, 32, 100, 8, False, 0, decoder_width=32, init="stegastamp")
+    assert count(E) == 88_113 and count(D) == 441_284 - 2 * 9 * 32          # BackdoorBench's decoder, 1 channel in
+    assert all((m.bias == 0).all() for m in [*E.modules(), *D.modules()] if isinstance(m, (torch.nn.Conv2d,
+                                                                                           torch.nn.Linear)))
+    w = E.conv5.weight                                                        # 8w x 4w x 3 x 3: 9,216 weights
+    assert abs(w.std().item() / (2 / (4 * 8 * 9)) ** 0.5 - 1) < 0.05
+    v, (fan_out, fan_in) = D.dense[3].weight, D.dense[3].weight.shape
+    bound = (6 / (fan_in + fan_out)) ** 0.5
+    assert v.abs().max() <= bound and v.abs().max() > 0.99 * bound
+    default_E, _ = make_networks(1, 32, 100, 8, False, 0)                     # PyTorch's: biases not zero
+    assert (default_E.conv5.bias != 0).all()
+    with pytest.raises(ValueError, match="init"):
+        make_networks(1, 32, 100, 8, False, 0, init="keras")
+    cfg = {"dataset": "fashion_mnist", "ssba_width": 8, "ssba_decoder_width": 32, "resource_seed": 0}
+    assert ssba.resource_name(cfg) == "ssba_fashion_mnist_stegastamp8_dec32_s0"
+    assert ssba.resource_name({**cfg, "ssba_decoder_width": None}) == "ssba_fashion_mnist_stegastamp8_s0"
 
 
 # --- §9.4 canonical encoding, §9.5 the L2 schedule -------------------------------------------------------------
