@@ -226,8 +226,8 @@ def build_encoder(folder: Path, cfg, dataset, name) -> dict:
     set_determinism(cfg["deterministic"], device)
     channels_last = cfg["channels_last"] is not False     # auto: on (2.3x faster on a CPU, spec §3)
     start = time.strftime("%Y-%m-%d %H:%M:%S")
-    log(f"resource {name}: training the SSBA encoder/decoder (widths {st.width}/{st.decoder_width}, L {st.length}, {st.init} init) on the "
-        f"{len(dataset.y_train)} training images of {dataset.info.name}, {st.steps or st.epochs} "
+    log(f"resource {name}: training the SSBA encoder/decoder (widths {st.width}/{st.decoder_width}, L {st.length}, "
+        f"{st.init} init) on the {len(dataset.y_train)} training images of {dataset.info.name}, {st.steps or st.epochs} "
         f"{'steps' if st.steps else 'epochs'}, batch {st.batch_size}, lr {st.lr}, on {device} (fp32"
         f"{', channels_last' if channels_last else ''})")
     tr = train_stegastamp(dataset.x_train, st, seed, device, channels_last, log)

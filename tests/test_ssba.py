@@ -21,7 +21,8 @@ from utils.stegastamp import (bch_ecc, bch_generator, canonical_encode, code_bit
 
 B_STAR_A = ("0110000100100000001000000010000000100000001000000010000010000110100100111110000101000111111000000000")
 TINY = ["--ssba_width", "2", "--ssba_decoder_width", "2", "--ssba_fingerprint_length", "50", "--ssba_num_steps", "6",
-        "--ssba_batch_size", "16", "--ssba_lr", "1e-3", "--ssba_l2_activation_acc", "0", "--ssba_l2_loss_await", "0", "--ssba_l2_loss_ramp", "2",
+        "--ssba_batch_size", "16", "--ssba_lr", "1e-3", "--ssba_l2_activation_acc", "0", "--ssba_l2_loss_await", "0",
+        "--ssba_l2_loss_ramp", "2",
         "--device", "cpu", "--amp", "false", "--channels_last", "false"]
 
 
