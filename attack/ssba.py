@@ -69,7 +69,7 @@ OPTIONS = [
 ]
 CHUNK = 256
 # docs/specs/ssba.md §3: the project's proposal for the 28 x 28 sets (config/attack/ssba/<dataset>.yaml)
-PROPOSAL = {"ssba_width": 8, "ssba_decoder_width": 32, "ssba_init": "stegastamp", "ssba_num_steps": 3000,
+PROPOSAL = {"ssba_width": 8, "ssba_decoder_width": 32, "ssba_init": "stegastamp", "ssba_num_steps": 8000,
             "ssba_l2_loss_await": 250, "ssba_l2_loss_ramp": 750}
 SPEC = {"fashion_mnist": PROPOSAL, "mnist": PROPOSAL}
 
