@@ -252,8 +252,8 @@ def decode(decoder, y):
 @dataclass(frozen=True)
 class TrainSettings:
     length: int
-    width: int                  # the encoder's (and the decoder's unless decoder_width)
-    decoder_width: Optional[int]
+    width: int                  # the encoder's
+    decoder_width: int
     init: str                   # "pytorch" or "stegastamp" (make_networks)
     residual: bool
     epochs: int
